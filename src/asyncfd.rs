@@ -1,0 +1,281 @@
+//! [`AsyncUffd`] and [`EventStream`]: the userfaultfd on Tokio's reactor.
+
+use std::fmt;
+use std::io;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures::Stream;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventBuffer, DEFAULT_BATCH};
+use crate::uffd::{ReadError, Uffd};
+
+/// A [`Uffd`] registered with Tokio's reactor.
+///
+/// Cloning is cheap (an `Arc`): every clone is a handle through which any
+/// task can resolve faults (it derefs to [`Uffd`], whose ioctls take
+/// `&self`), while one [`EventStream`] reads the events.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f() -> tokio_uffd::Result<()> {
+/// use futures::StreamExt;
+/// use tokio_uffd::{AsyncUffd, Event, Uffd, ZeropageFlags};
+///
+/// let uffd = AsyncUffd::new(Uffd::new()?)?;
+/// let mut events = uffd.event_stream();
+/// while let Some(event) = events.next().await {
+///     if let Event::PageFault(fault) = event? {
+///         let page = uffd.page_size();
+///         let handle = uffd.clone();
+///         tokio::spawn(async move {
+///             let _ = handle.zeropage(fault.page_start(page), page, ZeropageFlags::empty());
+///         });
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncUffd {
+    inner: Arc<AsyncFd<Uffd>>,
+}
+
+impl fmt::Debug for AsyncUffd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AsyncUffd")
+            .field(self.inner.get_ref())
+            .finish()
+    }
+}
+
+fn register(uffd: Uffd) -> std::result::Result<AsyncFd<Uffd>, (Uffd, io::Error)> {
+    // SAFETY: `Uffd` owns its fd (an `OwnedFd` it never replaces), so the fd
+    // stays open and refers to the same file description for as long as the
+    // `AsyncFd` owns the `Uffd`, and `as_raw_fd` always returns it.
+    unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }.map_err(|e| e.into_parts())
+}
+
+impl AsyncUffd {
+    /// Registers `uffd` with the reactor of the current Tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Panics when called outside a Tokio runtime, or in one built without
+    /// `enable_io`. [`try_new`](Self::try_new) does not panic outside a
+    /// runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Os`] if the reactor refuses the fd (the `Uffd` is closed).
+    #[track_caller]
+    pub fn new(uffd: Uffd) -> Result<Self> {
+        register(uffd)
+            .map(|fd| Self {
+                inner: Arc::new(fd),
+            })
+            .map_err(|(_, source)| reactor_error(source))
+    }
+
+    /// Like [`new`](Self::new), but hands the `Uffd` back on failure,
+    /// including when there is no current Tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Panics in a runtime built without `enable_io`, which Tokio does not
+    /// let a caller detect.
+    ///
+    /// # Errors
+    ///
+    /// The `Uffd` with [`Error::Os`]: no runtime, or the reactor refused
+    /// the fd.
+    #[track_caller]
+    pub fn try_new(uffd: Uffd) -> std::result::Result<Self, (Uffd, Error)> {
+        if let Err(e) = tokio::runtime::Handle::try_current() {
+            return Err((
+                uffd,
+                Error::Os {
+                    what: "AsyncUffd::try_new needs a Tokio runtime",
+                    source: io::Error::other(e),
+                },
+            ));
+        }
+        register(uffd)
+            .map(|fd| Self {
+                inner: Arc::new(fd),
+            })
+            .map_err(|(uffd, source)| (uffd, reactor_error(source)))
+    }
+
+    /// The userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        self.inner.get_ref()
+    }
+
+    /// A stream of the events of this userfaultfd, reading up to
+    /// [`DEFAULT_BATCH`] messages per `read(2)`.
+    ///
+    /// Each message goes to exactly one stream: use one stream per
+    /// userfaultfd.
+    pub fn event_stream(&self) -> EventStream {
+        self.event_stream_with_batch(DEFAULT_BATCH)
+    }
+
+    /// A stream reading up to `batch` messages (at least 1) per `read(2)`.
+    pub fn event_stream_with_batch(&self, batch: usize) -> EventStream {
+        EventStream {
+            uffd: self.clone(),
+            buf: EventBuffer::new(batch),
+        }
+    }
+
+    /// Deregisters from the reactor and returns the `Uffd`, if this is the
+    /// last handle (no clone and no stream alive); otherwise `Err(self)`.
+    pub fn into_inner(self) -> std::result::Result<Uffd, Self> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(fd) => Ok(fd.into_inner()),
+            Err(inner) => Err(Self { inner }),
+        }
+    }
+}
+
+fn reactor_error(source: io::Error) -> Error {
+    Error::Os {
+        what: "registering the userfaultfd with the Tokio reactor",
+        source,
+    }
+}
+
+impl Deref for AsyncUffd {
+    type Target = Uffd;
+
+    fn deref(&self) -> &Uffd {
+        self.inner.get_ref()
+    }
+}
+
+/// A [`Stream`] of the [`Event`]s of one userfaultfd.
+///
+/// It reads up to a batch of messages per `read(2)` into a buffer it owns
+/// and yields them one at a time; it waits on the reactor only once the
+/// buffer is empty and the kernel's queue drained. A message that cannot be
+/// decoded is one `Err` item, and the stream goes on. The stream never ends
+/// on its own: a userfaultfd has no end of file (when the process that owns
+/// the memory exits, it just stays silent).
+///
+/// Three ways to read, each built on the one below:
+/// [`poll_event`](Self::poll_event), [`next_event`](Self::next_event), and
+/// the `Stream` impl.
+///
+/// # Cancel safety
+///
+/// Messages live in the stream, never in a future: dropping a pending
+/// `next_event()` or `next()` future loses no message.
+pub struct EventStream {
+    uffd: AsyncUffd,
+    buf: EventBuffer,
+}
+
+impl fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventStream")
+            .field("uffd", &self.uffd)
+            .field("buffer", &self.buf)
+            .finish()
+    }
+}
+
+impl EventStream {
+    /// The handle this stream reads from; clone it to resolve faults
+    /// elsewhere.
+    pub fn handle(&self) -> &AsyncUffd {
+        &self.uffd
+    }
+
+    /// Messages read from the kernel but not yet yielded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Polls for the next event.
+    ///
+    /// Returns a buffered event at once; otherwise reads the userfaultfd
+    /// when the reactor says it is readable, and registers `cx`'s waker
+    /// when it is not. Readiness is cleared only when the kernel's queue is
+    /// known to be empty: the read returned `EAGAIN`, or fewer messages than
+    /// it had room for (the kernel wakes the reactor for every message it
+    /// queues, and Tokio ignores a clear that races with a newer wake-up, so
+    /// no message is missed; this saves one `read(2)` per fault).
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event>> {
+        loop {
+            if let Some(event) = self.buf.next_event() {
+                return Poll::Ready(event);
+            }
+            let mut guard = ready!(self.uffd.inner.poll_read_ready(cx))
+                .map_err(|source| Error::Read { source })?;
+            let room = self.buf.capacity() - self.buf.len();
+            match guard.get_inner().read_raw(&mut self.buf) {
+                Ok(n) if n < room => guard.clear_ready(),
+                Ok(_) => guard.retain_ready(),
+                Err(ReadError::Os(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready()
+                }
+                Err(e) => {
+                    guard.retain_ready();
+                    return Poll::Ready(Err(e.into()));
+                }
+            }
+        }
+    }
+
+    /// Waits for the next event.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, no event
+    /// is lost; the next call returns it.
+    pub async fn next_event(&mut self) -> Result<Event> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// Returns the next event if one is buffered or queued in the kernel now,
+    /// without waiting: `Ok(None)` when none is. Useful to drain the queue
+    /// while retrying a resolution that failed with
+    /// [`ErrorKind::Retry`](crate::ErrorKind::Retry).
+    ///
+    /// # Errors
+    ///
+    /// As for [`next_event`](Self::next_event).
+    pub fn try_next_event(&mut self) -> Result<Option<Event>> {
+        if let Some(event) = self.buf.next_event() {
+            return event.map(Some);
+        }
+        match self.uffd.uffd().read_events(&mut self.buf) {
+            Ok(_) => self.buf.next_event().transpose(),
+            Err(e) if e.kind() == crate::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_event(cx).map(Some)
+    }
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    const fn assert_send<T: Send>() {}
+    const fn assert_unpin<T: Unpin>() {}
+    assert_send_sync::<AsyncUffd>();
+    assert_send::<EventStream>();
+    assert_unpin::<EventStream>();
+};

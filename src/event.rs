@@ -1,0 +1,449 @@
+//! Typed userfaultfd events and the buffer that reads and decodes them.
+
+use std::fmt;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use crate::error::{Error, Result};
+use crate::flags::{Features, PageFaultFlags};
+use crate::sys;
+use crate::uffd::{Info, ReadError, Uffd};
+
+/// One event read from a userfaultfd.
+///
+/// Page faults are the common case; the others need their feature
+/// (`EVENT_FORK`, `EVENT_REMAP`, `EVENT_REMOVE`, `EVENT_UNMAP`) and report
+/// changes to the registered memory that a handler must track.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A thread touched a registered page and sleeps until it is resolved.
+    PageFault(PageFault),
+    /// The process forked; the child's copy of the registered memory is
+    /// served through the userfaultfd this event owns.
+    Fork(Fork),
+    /// A registered range was moved with `mremap()`; later faults come at
+    /// the new address.
+    Remap(Remap),
+    /// Pages of a registered range were freed (`MADV_DONTNEED`,
+    /// `MADV_REMOVE`). Their next fault must not be served the old contents.
+    Remove(Remove),
+    /// A registered range was unmapped.
+    Unmap(Unmap),
+}
+
+/// Why a page fault was raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// The page is missing: resolve with copy, zeropage, poison or move.
+    Missing,
+    /// A write hit a write-protected page: resolve by removing protection.
+    WriteProtect,
+    /// The page is in the page cache but not mapped: resolve with continue.
+    Minor,
+}
+
+/// A page fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageFault {
+    /// The faulting address, rounded down to the page by the kernel unless
+    /// `EXACT_ADDRESS` was granted.
+    pub address: usize,
+    /// The kernel's flags for the fault, unknown bits kept.
+    pub flags: PageFaultFlags,
+    /// The id of the faulting thread, when `THREAD_ID` was granted.
+    pub thread_id: Option<u32>,
+}
+
+impl PageFault {
+    /// Why the fault was raised.
+    pub fn kind(&self) -> FaultKind {
+        if self.flags.contains(PageFaultFlags::MINOR) {
+            FaultKind::Minor
+        } else if self.flags.contains(PageFaultFlags::WP) {
+            FaultKind::WriteProtect
+        } else {
+            FaultKind::Missing
+        }
+    }
+
+    /// Whether the faulting access was a write.
+    pub fn is_write(&self) -> bool {
+        self.flags.contains(PageFaultFlags::WRITE)
+    }
+
+    /// The start of the page of `page_size` bytes (a power of two) that
+    /// holds the faulting address.
+    pub fn page_start(&self, page_size: usize) -> usize {
+        self.address & !(page_size - 1)
+    }
+}
+
+/// A `fork()` of the process that owns the registered memory. Owns the
+/// child's userfaultfd: dropping the event closes it, after which the
+/// child's faults on that memory are no longer reported.
+pub struct Fork {
+    uffd: Uffd,
+}
+
+impl Fork {
+    /// The child's userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Takes the child's userfaultfd, to serve the child's faults.
+    pub fn into_uffd(self) -> Uffd {
+        self.uffd
+    }
+}
+
+impl fmt::Debug for Fork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fork").field("uffd", &self.uffd).finish()
+    }
+}
+
+/// An `mremap()` of a registered range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Remap {
+    /// The old start address.
+    pub from: usize,
+    /// The new start address.
+    pub to: usize,
+    /// The length of the original range.
+    pub len: usize,
+}
+
+/// Pages freed from a registered range: `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Remove {
+    /// First byte of the range.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+/// A registered range unmapped: `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Unmap {
+    /// First byte of the range.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+/// A decoded message; a fork carries the raw fd the kernel installed, which
+/// only the buffer that read the message may take ownership of.
+#[derive(Debug)]
+pub(crate) enum Decoded {
+    Event(Event),
+    Fork(RawFd),
+}
+
+fn addr(v: u64, what: &'static str, msg: &sys::uffd_msg) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::BadMessage {
+        what,
+        bytes: msg.to_bytes(),
+    })
+}
+
+/// Decodes one message. Pure: no fd is touched. `thread_id` says whether
+/// `THREAD_ID` was granted, so that `ptid` means something.
+pub(crate) fn decode(msg: &sys::uffd_msg, thread_id: bool) -> Result<Decoded> {
+    // SAFETY (for every union read below): each variant is plain integers
+    // and the union is always fully initialised (24 bytes read from the
+    // kernel, or built by `uffd_msg::from_bytes`), so any variant may be read.
+    let event = match msg.event {
+        sys::UFFD_EVENT_PAGEFAULT => {
+            // SAFETY: see above.
+            let pf = unsafe { msg.arg.pagefault };
+            Event::PageFault(PageFault {
+                address: addr(pf.address, "fault address out of range", msg)?,
+                flags: PageFaultFlags::from_bits_retain(pf.flags),
+                thread_id: thread_id.then_some(pf.ptid),
+            })
+        }
+        sys::UFFD_EVENT_FORK => {
+            // SAFETY: see above.
+            let fork = unsafe { msg.arg.fork };
+            let fd = RawFd::try_from(fork.ufd).map_err(|_| Error::BadMessage {
+                what: "fork fd out of range",
+                bytes: msg.to_bytes(),
+            })?;
+            return Ok(Decoded::Fork(fd));
+        }
+        sys::UFFD_EVENT_REMAP => {
+            // SAFETY: see above.
+            let r = unsafe { msg.arg.remap };
+            Event::Remap(Remap {
+                from: addr(r.from, "remap source out of range", msg)?,
+                to: addr(r.to, "remap destination out of range", msg)?,
+                len: addr(r.len, "remap length out of range", msg)?,
+            })
+        }
+        sys::UFFD_EVENT_REMOVE | sys::UFFD_EVENT_UNMAP => {
+            // SAFETY: see above.
+            let r = unsafe { msg.arg.remove };
+            let start = addr(r.start, "range start out of range", msg)?;
+            let end = addr(r.end, "range end out of range", msg)?;
+            if msg.event == sys::UFFD_EVENT_REMOVE {
+                Event::Remove(Remove { start, end })
+            } else {
+                Event::Unmap(Unmap { start, end })
+            }
+        }
+        code => {
+            return Err(Error::UnknownEvent {
+                code,
+                bytes: msg.to_bytes(),
+            })
+        }
+    };
+    Ok(Decoded::Event(event))
+}
+
+/// A buffer of whole `uffd_msg`s, filled by one `read(2)` and emptied one
+/// decoded [`Event`] at a time.
+///
+/// The kernel installs a `Fork` event's fd in this process when the message
+/// is read, so the buffer owns those fds until their events are taken:
+/// dropping the buffer (or reading past an undecodable message) never leaks
+/// one.
+///
+/// ```no_run
+/// use tokio_uffd::{Event, EventBuffer, Uffd};
+///
+/// let uffd = Uffd::new()?;
+/// let mut buf = EventBuffer::new(64);
+/// match uffd.read_events(&mut buf) {
+///     Ok(_) => {
+///         while let Some(event) = buf.next_event() {
+///             println!("{:?}", event?);
+///         }
+///     }
+///     Err(e) if e.kind() == tokio_uffd::ErrorKind::WouldBlock => { /* nothing queued */ }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), tokio_uffd::Error>(())
+/// ```
+pub struct EventBuffer {
+    msgs: Box<[MaybeUninit<sys::uffd_msg>]>,
+    /// Messages `head..tail` are initialised and not yet taken.
+    head: usize,
+    tail: usize,
+    info: Option<Info>,
+}
+
+impl fmt::Debug for EventBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBuffer")
+            .field("capacity", &self.capacity())
+            .field("unread", &self.len())
+            .finish()
+    }
+}
+
+/// The default number of messages read at once.
+pub const DEFAULT_BATCH: usize = 64;
+
+impl Default for EventBuffer {
+    fn default() -> Self {
+        Self::new(DEFAULT_BATCH)
+    }
+}
+
+impl EventBuffer {
+    /// A buffer for up to `capacity` messages per read (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            msgs: (0..capacity).map(|_| MaybeUninit::uninit()).collect(),
+            head: 0,
+            tail: 0,
+            info: None,
+        }
+    }
+
+    /// How many messages one read can return.
+    pub fn capacity(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Messages read but not yet taken.
+    pub fn len(&self) -> usize {
+        self.tail - self.head
+    }
+
+    /// Whether every message read has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.head == self.tail
+    }
+
+    /// Takes and decodes the next message: `None` when the buffer is empty,
+    /// an `Err` for a message that cannot be decoded (it is consumed; the
+    /// next one is unaffected).
+    pub fn next_event(&mut self) -> Option<Result<Event>> {
+        if self.head == self.tail {
+            return None;
+        }
+        // SAFETY: `head < tail`, and messages `head..tail` are initialised.
+        let msg = unsafe { self.msgs[self.head].assume_init_read() };
+        self.head += 1;
+        let info = self.info?;
+        Some(
+            decode(&msg, info.features.contains(Features::THREAD_ID)).map(|d| match d {
+                Decoded::Event(e) => e,
+                Decoded::Fork(fd) => {
+                    // SAFETY: the kernel installed this fd in our table when
+                    // `read(2)` returned the message, and the message was
+                    // just taken from the buffer, so nothing else owns it.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    Event::Fork(Fork {
+                        uffd: Uffd::from_fork(fd, info),
+                    })
+                }
+            }),
+        )
+    }
+
+    /// One `read(2)` of `fd` into the free space of the buffer.
+    pub(crate) fn fill_from(&mut self, fd: RawFd, info: Info) -> Result<usize, ReadError> {
+        if self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+        } else if self.tail == self.msgs.len() && self.head > 0 {
+            self.msgs.copy_within(self.head..self.tail, 0);
+            self.tail -= self.head;
+            self.head = 0;
+        }
+        if self.tail == self.msgs.len() {
+            return Err(ReadError::Os(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the EventBuffer is full: take its events before reading again",
+            )));
+        }
+        self.info = Some(info);
+        let n = sys::read_msgs(fd, &mut self.msgs[self.tail..]).map_err(ReadError::Os)?;
+        let whole = n / size_of::<sys::uffd_msg>();
+        // Keep every whole message, so that the fds of fork messages are
+        // owned (and closed on drop) even if the read is reported as bad.
+        self.tail += whole;
+        if n == 0 || n % size_of::<sys::uffd_msg>() != 0 {
+            return Err(ReadError::Partial(n));
+        }
+        Ok(whole)
+    }
+}
+
+impl Drop for EventBuffer {
+    fn drop(&mut self) {
+        // Close the fds of fork messages that were read but never taken.
+        while self.head < self.tail {
+            // SAFETY: messages `head..tail` are initialised.
+            let msg = unsafe { self.msgs[self.head].assume_init_read() };
+            self.head += 1;
+            if let Ok(Decoded::Fork(fd)) = decode(&msg, false) {
+                // SAFETY: as in `next_event`: the read installed this fd and
+                // nothing took it.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+}
+
+use std::mem::size_of;
+
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<Event>();
+    assert_send_sync::<EventBuffer>();
+    assert_send_sync::<PageFault>();
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(event: u8, words: [u64; 3]) -> sys::uffd_msg {
+        let mut m = sys::uffd_msg::zeroed();
+        m.event = event;
+        m.arg = sys::uffd_msg_arg { reserved: words };
+        m
+    }
+
+    #[test]
+    fn decodes_pagefault_with_and_without_thread_id() {
+        let m = msg(sys::UFFD_EVENT_PAGEFAULT, [0b101, 0x7000, 42]);
+        let Decoded::Event(Event::PageFault(pf)) = decode(&m, true).unwrap() else {
+            panic!("not a page fault")
+        };
+        assert_eq!(pf.address, 0x7000);
+        assert_eq!(pf.kind(), FaultKind::Minor);
+        assert!(pf.is_write());
+        assert_eq!(pf.thread_id, Some(42));
+        let Decoded::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
+            panic!("not a page fault")
+        };
+        assert_eq!(pf.thread_id, None);
+    }
+
+    #[test]
+    fn keeps_unknown_fault_flags() {
+        let m = msg(sys::UFFD_EVENT_PAGEFAULT, [1 << 40 | 2, 0x1000, 0]);
+        let Decoded::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
+            panic!("not a page fault")
+        };
+        assert_eq!(pf.flags.bits(), 1 << 40 | 2);
+        assert_eq!(pf.kind(), FaultKind::WriteProtect);
+    }
+
+    #[test]
+    fn unknown_event_is_an_error_not_a_panic() {
+        let m = msg(0x77, [1, 2, 3]);
+        let e = decode(&m, false).unwrap_err();
+        assert!(matches!(e, Error::UnknownEvent { code: 0x77, .. }));
+        assert!(e.to_string().contains("0x77"));
+    }
+
+    #[test]
+    fn fork_fd_out_of_range_is_an_error() {
+        let m = msg(sys::UFFD_EVENT_FORK, [u32::MAX as u64, 0, 0]);
+        assert!(matches!(decode(&m, false), Err(Error::BadMessage { .. })));
+    }
+
+    #[test]
+    fn decodes_remap_remove_unmap() {
+        let m = msg(sys::UFFD_EVENT_REMAP, [0x1000, 0x9000, 0x2000]);
+        let Decoded::Event(Event::Remap(r)) = decode(&m, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.from, r.to, r.len), (0x1000, 0x9000, 0x2000));
+        let m = msg(sys::UFFD_EVENT_REMOVE, [0x1000, 0x3000, 0]);
+        assert!(matches!(
+            decode(&m, false).unwrap(),
+            Decoded::Event(Event::Remove(Remove {
+                start: 0x1000,
+                end: 0x3000
+            }))
+        ));
+        let m = msg(sys::UFFD_EVENT_UNMAP, [0x1000, 0x3000, 0]);
+        assert!(matches!(
+            decode(&m, false).unwrap(),
+            Decoded::Event(Event::Unmap(Unmap {
+                start: 0x1000,
+                end: 0x3000
+            }))
+        ));
+    }
+
+    #[test]
+    fn msg_bytes_round_trip() {
+        let m = msg(sys::UFFD_EVENT_REMAP, [1, 2, 3]);
+        let b = m.to_bytes();
+        assert_eq!(sys::uffd_msg::from_bytes(&b).to_bytes(), b);
+        assert_eq!(b[0], sys::UFFD_EVENT_REMAP);
+    }
+}

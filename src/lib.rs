@@ -1,0 +1,122 @@
+//! Linux userfaultfd as a first-class citizen of async Rust.
+//!
+//! A program registers memory with a userfaultfd; the kernel then suspends
+//! every thread that touches a missing (or write-protected, or minor-fault)
+//! page of it and queues a message. This crate reads those messages as typed
+//! [`Event`]s and resolves them with every userfaultfd ioctl of current
+//! kernels: copy, zeropage, continue, wake, write-protect, poison and move.
+//!
+//! The layers, lowest first, each usable on its own:
+//!
+//! - [`sys`]: the kernel ABI, by hand, with compile-time layout checks.
+//! - [`Uffd`] and [`UffdBuilder`]: the fd, feature negotiation, and every
+//!   ioctl as a typed, checked method; [`EventBuffer`] for blocking-free
+//!   batch reads of [`Event`]s.
+//! - [`AsyncUffd`] and [`EventStream`]: the fd on Tokio's reactor and a
+//!   [`Stream`](futures::Stream) of events.
+//!
+//! # Example
+//!
+//! Serve zero-filled pages to a thread that touches fresh memory:
+//!
+//! ```
+//! use futures::StreamExt;
+//! use tokio_uffd::{AsyncUffd, Event, RegisterMode, Uffd, ZeropageFlags};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let uffd = Uffd::new()?;
+//! let page = uffd.page_size();
+//! let len = 4 * page;
+//! // SAFETY: a fresh anonymous private mapping that nothing else uses.
+//! let mem = unsafe {
+//!     libc::mmap(
+//!         std::ptr::null_mut(),
+//!         len,
+//!         libc::PROT_READ | libc::PROT_WRITE,
+//!         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+//!         -1,
+//!         0,
+//!     )
+//! };
+//! assert_ne!(mem, libc::MAP_FAILED);
+//! let start = mem as usize;
+//! // SAFETY: the mapping is ours and no reference into it exists; its
+//! // pages are filled only by the handler below.
+//! unsafe { uffd.register(start, len, RegisterMode::MISSING)? };
+//!
+//! let uffd = AsyncUffd::new(uffd)?;
+//! let mut events = uffd.event_stream();
+//! // Touch the memory from a plain thread, never from the runtime that
+//! // serves its faults (see "gotchas" below).
+//! let toucher = std::thread::spawn(move || {
+//!     (0..4).map(|i| unsafe { *((start + i * page) as *const u8) } as u32).sum::<u32>()
+//! });
+//! let mut served = 0;
+//! while served < 4 {
+//!     match events.next().await.expect("stream ended")? {
+//!         Event::PageFault(fault) => {
+//!             uffd.zeropage(fault.page_start(page), page, ZeropageFlags::empty())?;
+//!             served += 1;
+//!         }
+//!         other => println!("unexpected {other:?}"),
+//!     }
+//! }
+//! assert_eq!(toucher.join().unwrap(), 0);
+//! # unsafe { libc::munmap(mem, len) };
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Userfaultfd gotchas
+//!
+//! - **Never touch registered memory from a worker of the runtime that
+//!   serves it.** The touching thread sleeps in the kernel until the fault is
+//!   resolved; if it is the thread that would read the event, nothing ever
+//!   resolves it. Fault from `std::thread`s, `spawn_blocking`, another
+//!   runtime or another process.
+//! - A userfaultfd must be non-blocking for `epoll`: this crate always
+//!   creates (and adopts) them with `O_NONBLOCK | O_CLOEXEC`.
+//! - `UFFDIO_API` works once per fd. Features are negotiated when the
+//!   [`Uffd`] is built; [`UffdBuilder::require`] fails clearly when the
+//!   kernel lacks one.
+//! - A resolution that fails with [`ErrorKind::Exists`] did *not* wake the
+//!   faulting threads: call [`Uffd::wake`].
+//! - [`ErrorKind::Retry`] (`EAGAIN`) with no progress means a fork, mremap,
+//!   `MADV_DONTNEED` or munmap is in flight and its event is not read yet:
+//!   every resolution keeps failing until it is. Keep reading events while
+//!   retrying.
+//! - After [`Event::Remove`], serving the old contents of those pages again
+//!   would be silent corruption: serve zeros.
+//! - A [`Fork`] event owns a new fd; this crate closes it if the event is
+//!   dropped unread.
+//! - Page sizes are not always 4096: use [`Uffd::page_size`] (and the huge
+//!   page size for hugetlbfs).
+//! - Many threads faulting on one page queue one message each: resolve once,
+//!   the kernel wakes them all.
+//!
+//! # References
+//!
+//! - <https://docs.kernel.org/admin-guide/mm/userfaultfd.html>
+//! - `userfaultfd(2)`, `ioctl_userfaultfd(2)`
+
+#![cfg(target_os = "linux")]
+#![warn(rust_2018_idioms)]
+
+mod asyncfd;
+mod error;
+mod event;
+mod flags;
+pub mod sys;
+mod uffd;
+
+pub use asyncfd::{AsyncUffd, EventStream};
+pub use error::{Error, ErrorKind, Op, Result};
+pub use event::{
+    Event, EventBuffer, FaultKind, Fork, PageFault, Remap, Remove, Unmap, DEFAULT_BATCH,
+};
+pub use flags::{
+    ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PageFaultFlags, PoisonFlags,
+    RegisterMode, UnprotectFlags, ZeropageFlags,
+};
+pub use uffd::{CreateMethod, Uffd, UffdBuilder};

@@ -1,0 +1,547 @@
+//! The userfaultfd kernel ABI, written by hand from
+//! `include/uapi/linux/userfaultfd.h` (up to kernel 6.8: `POISON`, `MOVE`,
+//! `WP_UNPOPULATED`, `WP_ASYNC`), and the only module with raw FFI.
+//!
+//! Everything here mirrors the C names so it can be checked against the
+//! header (`tests/abi_header.rs` compiles a C program against the machine's
+//! `<linux/userfaultfd.h>` and compares every value it defines). Sizes and
+//! field offsets are asserted at compile time below.
+//!
+//! Most users never need this module: [`Uffd`](crate::Uffd) wraps every
+//! ioctl in a typed, checked method. It is public so that a program can speak
+//! the raw ABI where it must (for example to build a message for a test).
+//!
+//! # References
+//!
+//! - <https://docs.kernel.org/admin-guide/mm/userfaultfd.html>
+//! - `userfaultfd(2)`, `ioctl_userfaultfd(2)`
+
+#![allow(missing_docs)] // every item is named after, and documented by, the C header
+
+use std::io;
+use std::mem::{offset_of, size_of};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+// ---------------------------------------------------------------------------
+// ioctl number encoding (asm-generic/ioctl.h; x86, arm64, riscv, ...)
+// ---------------------------------------------------------------------------
+
+const IOC_NRBITS: u32 = 8;
+const IOC_TYPEBITS: u32 = 8;
+const IOC_SIZEBITS: u32 = 14;
+const IOC_NRSHIFT: u32 = 0;
+const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
+const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
+const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
+const IOC_NONE: u32 = 0;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    (dir << IOC_DIRSHIFT)
+        | (ty << IOC_TYPESHIFT)
+        | (nr << IOC_NRSHIFT)
+        | ((size as u32) << IOC_SIZESHIFT)
+}
+const fn io(ty: u32, nr: u32) -> u32 {
+    ioc(IOC_NONE, ty, nr, 0)
+}
+const fn ior(ty: u32, nr: u32, size: usize) -> u32 {
+    ioc(IOC_READ, ty, nr, size)
+}
+const fn iowr(ty: u32, nr: u32, size: usize) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, ty, nr, size)
+}
+
+// ---------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------
+
+/// `ioctl` type of `/dev/userfaultfd`.
+pub const USERFAULTFD_IOC: u32 = 0xAA;
+/// Creates a new userfaultfd from `/dev/userfaultfd` (kernel 6.1+). The
+/// argument is the same flags word as the syscall's.
+pub const USERFAULTFD_IOC_NEW: u32 = io(USERFAULTFD_IOC, 0x00);
+
+pub const UFFD_API: u64 = 0xAA;
+
+pub const UFFD_USER_MODE_ONLY: i32 = 1;
+
+pub const _UFFDIO_REGISTER: u32 = 0x00;
+pub const _UFFDIO_UNREGISTER: u32 = 0x01;
+pub const _UFFDIO_WAKE: u32 = 0x02;
+pub const _UFFDIO_COPY: u32 = 0x03;
+pub const _UFFDIO_ZEROPAGE: u32 = 0x04;
+pub const _UFFDIO_MOVE: u32 = 0x05;
+pub const _UFFDIO_WRITEPROTECT: u32 = 0x06;
+pub const _UFFDIO_CONTINUE: u32 = 0x07;
+pub const _UFFDIO_POISON: u32 = 0x08;
+pub const _UFFDIO_API: u32 = 0x3F;
+
+pub const UFFDIO: u32 = 0xAA;
+pub const UFFDIO_API: u32 = iowr(UFFDIO, _UFFDIO_API, size_of::<uffdio_api>());
+pub const UFFDIO_REGISTER: u32 = iowr(UFFDIO, _UFFDIO_REGISTER, size_of::<uffdio_register>());
+pub const UFFDIO_UNREGISTER: u32 = ior(UFFDIO, _UFFDIO_UNREGISTER, size_of::<uffdio_range>());
+pub const UFFDIO_WAKE: u32 = ior(UFFDIO, _UFFDIO_WAKE, size_of::<uffdio_range>());
+pub const UFFDIO_COPY: u32 = iowr(UFFDIO, _UFFDIO_COPY, size_of::<uffdio_copy>());
+pub const UFFDIO_ZEROPAGE: u32 = iowr(UFFDIO, _UFFDIO_ZEROPAGE, size_of::<uffdio_zeropage>());
+pub const UFFDIO_MOVE: u32 = iowr(UFFDIO, _UFFDIO_MOVE, size_of::<uffdio_move>());
+pub const UFFDIO_WRITEPROTECT: u32 = iowr(
+    UFFDIO,
+    _UFFDIO_WRITEPROTECT,
+    size_of::<uffdio_writeprotect>(),
+);
+pub const UFFDIO_CONTINUE: u32 = iowr(UFFDIO, _UFFDIO_CONTINUE, size_of::<uffdio_continue>());
+pub const UFFDIO_POISON: u32 = iowr(UFFDIO, _UFFDIO_POISON, size_of::<uffdio_poison>());
+
+pub const UFFD_API_IOCTLS: u64 = 1 << _UFFDIO_REGISTER | 1 << _UFFDIO_UNREGISTER | 1 << _UFFDIO_API;
+pub const UFFD_API_RANGE_IOCTLS: u64 = 1 << _UFFDIO_WAKE
+    | 1 << _UFFDIO_COPY
+    | 1 << _UFFDIO_ZEROPAGE
+    | 1 << _UFFDIO_MOVE
+    | 1 << _UFFDIO_WRITEPROTECT
+    | 1 << _UFFDIO_CONTINUE
+    | 1 << _UFFDIO_POISON;
+pub const UFFD_API_RANGE_IOCTLS_BASIC: u64 = 1 << _UFFDIO_WAKE
+    | 1 << _UFFDIO_COPY
+    | 1 << _UFFDIO_WRITEPROTECT
+    | 1 << _UFFDIO_CONTINUE
+    | 1 << _UFFDIO_POISON;
+
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
+
+pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+pub const UFFD_FEATURE_EXACT_ADDRESS: u64 = 1 << 11;
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+
+pub const UFFD_API_FEATURES: u64 = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | UFFD_FEATURE_EVENT_FORK
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_REMOVE
+    | UFFD_FEATURE_EVENT_UNMAP
+    | UFFD_FEATURE_MISSING_HUGETLBFS
+    | UFFD_FEATURE_MISSING_SHMEM
+    | UFFD_FEATURE_SIGBUS
+    | UFFD_FEATURE_THREAD_ID
+    | UFFD_FEATURE_MINOR_HUGETLBFS
+    | UFFD_FEATURE_MINOR_SHMEM
+    | UFFD_FEATURE_EXACT_ADDRESS
+    | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    | UFFD_FEATURE_WP_UNPOPULATED
+    | UFFD_FEATURE_POISON
+    | UFFD_FEATURE_WP_ASYNC
+    | UFFD_FEATURE_MOVE;
+
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+pub const UFFD_API_REGISTER_MODES: u64 =
+    UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MINOR;
+
+pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
+
+// ---------------------------------------------------------------------------
+// Structures
+// ---------------------------------------------------------------------------
+
+/// Page-fault payload of [`uffd_msg`].
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffd_msg_pagefault {
+    pub flags: u64,
+    pub address: u64,
+    /// `feat.ptid`: the faulting thread's id with `UFFD_FEATURE_THREAD_ID`.
+    pub ptid: u32,
+}
+
+/// Fork payload of [`uffd_msg`].
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffd_msg_fork {
+    pub ufd: u32,
+}
+
+/// Remap payload of [`uffd_msg`].
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffd_msg_remap {
+    pub from: u64,
+    pub to: u64,
+    pub len: u64,
+}
+
+/// Remove/unmap payload of [`uffd_msg`].
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffd_msg_remove {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The union `arg` of [`uffd_msg`].
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+#[allow(missing_debug_implementations)] // a union: `uffd_msg`'s Debug prints it
+pub union uffd_msg_arg {
+    pub pagefault: uffd_msg_pagefault,
+    pub fork: uffd_msg_fork,
+    pub remap: uffd_msg_remap,
+    pub remove: uffd_msg_remove,
+    pub reserved: [u64; 3],
+}
+
+/// One message read from a userfaultfd: 32 bytes, packed.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+pub struct uffd_msg {
+    pub event: u8,
+    pub reserved1: u8,
+    pub reserved2: u16,
+    pub reserved3: u32,
+    pub arg: uffd_msg_arg,
+}
+
+impl uffd_msg {
+    /// An all-zero message (event code 0, which no kernel sends).
+    pub const fn zeroed() -> Self {
+        Self {
+            event: 0,
+            reserved1: 0,
+            reserved2: 0,
+            reserved3: 0,
+            arg: uffd_msg_arg { reserved: [0; 3] },
+        }
+    }
+
+    /// The message as its 32 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0] = self.event;
+        out[1] = self.reserved1;
+        out[2..4].copy_from_slice(&{ self.reserved2 }.to_ne_bytes());
+        out[4..8].copy_from_slice(&{ self.reserved3 }.to_ne_bytes());
+        // SAFETY: every variant of the union is plain integers, and
+        // `reserved` covers all 24 bytes, so reading it is always defined.
+        let words = unsafe { self.arg.reserved };
+        for (i, w) in words.iter().enumerate() {
+            out[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_ne_bytes());
+        }
+        out
+    }
+
+    /// A message from 32 raw bytes (in native byte order).
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[8 + 8 * i..16 + 8 * i]);
+            u64::from_ne_bytes(w)
+        };
+        Self {
+            event: bytes[0],
+            reserved1: bytes[1],
+            reserved2: u16::from_ne_bytes([bytes[2], bytes[3]]),
+            reserved3: u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            arg: uffd_msg_arg {
+                reserved: [word(0), word(1), word(2)],
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for uffd_msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // SAFETY: `reserved` spans the whole union and every bit pattern is a
+        // valid `[u64; 3]`.
+        let words = unsafe { self.arg.reserved };
+        f.debug_struct("uffd_msg")
+            .field("event", &{ self.event })
+            .field("arg", &words)
+            .finish()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_api {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_range {
+    pub start: u64,
+    pub len: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_register {
+    pub range: uffdio_range,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_copy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    /// Written by the kernel: bytes copied, or a negative errno.
+    pub copy: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_zeropage {
+    pub range: uffdio_range,
+    pub mode: u64,
+    /// Written by the kernel: bytes zeroed, or a negative errno.
+    pub zeropage: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_writeprotect {
+    pub range: uffdio_range,
+    pub mode: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_continue {
+    pub range: uffdio_range,
+    pub mode: u64,
+    /// Written by the kernel: bytes mapped, or a negative errno.
+    pub mapped: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_poison {
+    pub range: uffdio_range,
+    pub mode: u64,
+    /// Written by the kernel: bytes poisoned, or a negative errno.
+    pub updated: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct uffdio_move {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    /// Written by the kernel: bytes moved, or a negative errno.
+    pub move_: i64,
+}
+
+// ---------------------------------------------------------------------------
+// Compile-time layout checks
+// ---------------------------------------------------------------------------
+
+const _: () = {
+    assert!(size_of::<uffd_msg>() == 32);
+    assert!(offset_of!(uffd_msg, event) == 0);
+    assert!(offset_of!(uffd_msg, reserved1) == 1);
+    assert!(offset_of!(uffd_msg, reserved2) == 2);
+    assert!(offset_of!(uffd_msg, reserved3) == 4);
+    assert!(offset_of!(uffd_msg, arg) == 8);
+    assert!(size_of::<uffd_msg_arg>() == 24);
+    assert!(offset_of!(uffd_msg_pagefault, flags) == 0);
+    assert!(offset_of!(uffd_msg_pagefault, address) == 8);
+    assert!(offset_of!(uffd_msg_pagefault, ptid) == 16);
+    assert!(offset_of!(uffd_msg_remap, from) == 0);
+    assert!(offset_of!(uffd_msg_remap, to) == 8);
+    assert!(offset_of!(uffd_msg_remap, len) == 16);
+    assert!(offset_of!(uffd_msg_remove, start) == 0);
+    assert!(offset_of!(uffd_msg_remove, end) == 8);
+
+    assert!(size_of::<uffdio_api>() == 24);
+    assert!(offset_of!(uffdio_api, features) == 8);
+    assert!(offset_of!(uffdio_api, ioctls) == 16);
+    assert!(size_of::<uffdio_range>() == 16);
+    assert!(offset_of!(uffdio_range, len) == 8);
+    assert!(size_of::<uffdio_register>() == 32);
+    assert!(offset_of!(uffdio_register, mode) == 16);
+    assert!(offset_of!(uffdio_register, ioctls) == 24);
+    assert!(size_of::<uffdio_copy>() == 40);
+    assert!(offset_of!(uffdio_copy, src) == 8);
+    assert!(offset_of!(uffdio_copy, len) == 16);
+    assert!(offset_of!(uffdio_copy, mode) == 24);
+    assert!(offset_of!(uffdio_copy, copy) == 32);
+    assert!(size_of::<uffdio_zeropage>() == 32);
+    assert!(offset_of!(uffdio_zeropage, mode) == 16);
+    assert!(offset_of!(uffdio_zeropage, zeropage) == 24);
+    assert!(size_of::<uffdio_writeprotect>() == 24);
+    assert!(offset_of!(uffdio_writeprotect, mode) == 16);
+    assert!(size_of::<uffdio_continue>() == 32);
+    assert!(offset_of!(uffdio_continue, mode) == 16);
+    assert!(offset_of!(uffdio_continue, mapped) == 24);
+    assert!(size_of::<uffdio_poison>() == 32);
+    assert!(offset_of!(uffdio_poison, mode) == 16);
+    assert!(offset_of!(uffdio_poison, updated) == 24);
+    assert!(size_of::<uffdio_move>() == 40);
+    assert!(offset_of!(uffdio_move, mode) == 24);
+    assert!(offset_of!(uffdio_move, move_) == 32);
+
+    // The encoded numbers every kernel uses (x86-64 values).
+    assert!(UFFDIO_API == 0xc018_aa3f);
+    assert!(UFFDIO_REGISTER == 0xc020_aa00);
+    assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
+    assert!(UFFDIO_WAKE == 0x8010_aa02);
+    assert!(UFFDIO_COPY == 0xc028_aa03);
+    assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
+    assert!(UFFDIO_MOVE == 0xc028_aa05);
+    assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+    assert!(UFFDIO_CONTINUE == 0xc020_aa07);
+    assert!(UFFDIO_POISON == 0xc020_aa08);
+    assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+};
+
+// ---------------------------------------------------------------------------
+// Raw calls. Each returns the OS error on failure; nothing here interprets it.
+// ---------------------------------------------------------------------------
+
+/// Calls `userfaultfd(2)` with `flags`.
+pub fn userfaultfd(flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall takes one integer argument and touches no memory of
+    // ours.
+    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// Opens `/dev/userfaultfd` and asks it for a new userfaultfd with `flags`
+/// (`USERFAULTFD_IOC_NEW`, kernel 6.1+). The device fd is closed again.
+pub fn userfaultfd_from_device(flags: i32) -> io::Result<OwnedFd> {
+    let path = c"/dev/userfaultfd";
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if dev < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `open` returned a new fd that nothing else owns.
+    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as a plain integer argument.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&dev),
+            USERFAULTFD_IOC_NEW as _,
+            flags as libc::c_long,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the ioctl returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// Issues `ioctl(fd, request, arg)` with a pointer to a `#[repr(C)]` struct.
+///
+/// # Safety
+///
+/// `request` must be a userfaultfd ioctl whose argument has type `T`, and
+/// the operation it asks of the kernel must be one the caller may ask for
+/// (for example, `UFFDIO_MOVE` takes pages away from its source range).
+pub unsafe fn ioctl<T>(fd: RawFd, request: u32, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is a valid, exclusive pointer to a `T` for the duration
+    // of the call, which is what the request expects by the caller's promise.
+    let ret = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `read(2)` of whole messages into `buf`. Returns the number of bytes read.
+pub fn read_msgs(fd: RawFd, buf: &mut [std::mem::MaybeUninit<uffd_msg>]) -> io::Result<usize> {
+    let len = std::mem::size_of_val(buf);
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes whole
+    // messages into it and reports how many bytes it wrote.
+    let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), len) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `sysconf(_SC_PAGESIZE)`: the base page size of this machine.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer name and touches no memory of ours.
+    let ret = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    // POSIX guarantees _SC_PAGESIZE; 4096 is only a fallback for a libc
+    // that fails it, which Linux libcs never do.
+    if ret > 0 {
+        ret as usize
+    } else {
+        4096
+    }
+}
+
+/// Sets `O_NONBLOCK` on the open file description and `FD_CLOEXEC` on `fd`.
+pub fn set_nonblocking_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and touches no memory of ours.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fl & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL takes an integer argument.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: F_GETFD takes no argument.
+    let fdfl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if fdfl < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fdfl & libc::FD_CLOEXEC == 0 {
+        // SAFETY: F_SETFD takes an integer argument.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, fdfl | libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
