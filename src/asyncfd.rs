@@ -198,7 +198,7 @@ impl EventStream {
     }
 
     /// Messages read from the kernel but not yet yielded.
-    pub fn buffered(&self) -> usize {
+    pub fn buffered_len(&self) -> usize {
         self.buf.len()
     }
 

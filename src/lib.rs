@@ -90,6 +90,11 @@
 //!   would be silent corruption: serve zeros.
 //! - A [`Fork`] event owns a new fd; this crate closes it if the event is
 //!   dropped unread.
+//! - With [`Features::EVENT_FORK`], `fork()` in the served process sleeps
+//!   until its Fork event is read, and glibc's `fork()` holds the malloc
+//!   locks all that time: a handler in the *same* process that allocates
+//!   then deadlocks. Serve forking processes from another process (or fork
+//!   with the raw `clone` system call, as this crate's tests do).
 //! - Page sizes are not always 4096: use [`Uffd::page_size`] (and the huge
 //!   page size for hugetlbfs).
 //! - Many threads faulting on one page queue one message each: resolve once,

@@ -1,0 +1,321 @@
+//! Helpers shared by the integration tests: memory mappings, bounded waits,
+//! child processes, and getting a userfaultfd or saying loudly why not.
+#![allow(dead_code, unreachable_pub)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tokio_uffd::{ErrorKind, Event, EventBuffer, Features, Uffd, UffdBuilder};
+
+/// How long any wait in a test may take before the test fails.
+pub const BOUND: Duration = Duration::from_secs(20);
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Reports loudly that a test cannot run here; under `CI=true` that fails
+/// the test.
+pub fn skip(why: &str) {
+    if in_ci() {
+        panic!("CI=true and this test cannot run: {why}");
+    }
+    eprintln!("\n*** SKIPPED (not in CI): {why} ***\n");
+}
+
+/// Builds a userfaultfd, or reports loudly why not (a failure under CI).
+pub fn try_uffd(builder: UffdBuilder) -> Option<Uffd> {
+    match builder.create() {
+        Ok(u) => Some(u),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::PermissionDenied | ErrorKind::Unsupported
+            ) =>
+        {
+            skip(&format!("no userfaultfd on this machine: {e}"));
+            None
+        }
+        Err(e) => panic!("creating a userfaultfd failed: {e}"),
+    }
+}
+
+/// A userfaultfd with `required` features.
+pub fn uffd_with(required: Features) -> Option<Uffd> {
+    try_uffd(UffdBuilder::new().require(required))
+}
+
+pub fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// The default huge page size, from /proc/meminfo.
+pub fn huge_page_size() -> usize {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Hugepagesize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Hugepagesize in /proc/meminfo");
+    kib * 1024
+}
+
+/// An mmap'd region, unmapped on drop.
+pub struct Mapping {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Mapping {
+    pub fn new(len: usize, flags: i32, fd: RawFd) -> std::io::Result<Self> {
+        // SAFETY: a fresh mapping at an address the kernel chooses.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// Anonymous private memory.
+    pub fn anon(len: usize) -> Self {
+        Self::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1).unwrap()
+    }
+
+    /// Anonymous shared memory (shmem).
+    pub fn shmem(len: usize) -> Self {
+        Self::new(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1).unwrap()
+    }
+
+    /// Anonymous private hugetlb memory, or None (loudly) if no huge page is
+    /// free.
+    pub fn hugetlb(len: usize) -> Option<Self> {
+        match Self::new(
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+            -1,
+        ) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                skip(&format!(
+                    "no hugetlb pages ({e}); reserve some: echo 64 > /proc/sys/vm/nr_hugepages"
+                ));
+                None
+            }
+        }
+    }
+
+    pub fn ptr(&self, off: usize) -> *mut u8 {
+        (self.addr + off) as *mut u8
+    }
+
+    /// Reads the byte at `off` (from a thread that may fault).
+    pub fn read(&self, off: usize) -> u8 {
+        read_at(self.addr + off)
+    }
+
+    pub fn slice(&self) -> &[u8] {
+        // SAFETY: the mapping is readable for `len` bytes. Only called once
+        // every page is resolved.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+pub fn read_at(addr: usize) -> u8 {
+    // SAFETY: tests pass addresses of live mappings.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+pub fn write_at(addr: usize, v: u8) {
+    // SAFETY: tests pass addresses of live, writable mappings.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+}
+
+/// A memfd of `len` bytes (hugetlb-backed with `huge`), or None (loudly).
+pub fn memfd(len: usize, huge: bool) -> Option<OwnedFd> {
+    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd = unsafe { libc::memfd_create(c"tokio-uffd-test".as_ptr(), flags) };
+    if fd < 0 {
+        skip(&format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        ));
+        return None;
+    }
+    // SAFETY: a new fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+        skip(&format!(
+            "ftruncate memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+        return None;
+    }
+    Some(fd)
+}
+
+/// Waits until `fd` is readable, at most `BOUND`.
+pub fn wait_readable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, BOUND.as_millis() as i32) };
+    assert!(n > 0, "no userfaultfd message within {BOUND:?}");
+    assert_eq!(pfd.revents & libc::POLLERR, 0, "POLLERR on the userfaultfd");
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+pub fn readable_within(fd: RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+/// Reads the next event, waiting at most `BOUND`.
+pub fn next_event(uffd: &Uffd, buf: &mut EventBuffer) -> Event {
+    if let Some(e) = buf.next_event() {
+        return e.unwrap();
+    }
+    let deadline = Instant::now() + BOUND;
+    loop {
+        wait_readable(uffd.as_raw_fd());
+        match uffd.read_events(buf) {
+            Ok(n) => {
+                assert!(n > 0);
+                return buf.next_event().unwrap().unwrap();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no event within {BOUND:?}");
+            }
+            Err(e) => panic!("read_events: {e}"),
+        }
+    }
+}
+
+pub fn expect_fault(uffd: &Uffd, buf: &mut EventBuffer) -> tokio_uffd::PageFault {
+    match next_event(uffd, buf) {
+        Event::PageFault(f) => f,
+        other => panic!("expected a page fault, got {other:?}"),
+    }
+}
+
+/// Number of open fds of this process.
+pub fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Waits for process `pid` to exit, at most `BOUND`; kills it (and fails)
+/// if it does not. Returns the raw wait status.
+pub fn wait_child(pid: libc::pid_t) -> i32 {
+    // SAFETY: plain syscall.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    if !readable_within(pidfd.as_raw_fd(), BOUND.as_millis() as i32) {
+        // SAFETY: plain syscalls on our child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        panic!("child {pid} did not exit within {BOUND:?}; killed");
+    }
+    let mut status = 0;
+    // SAFETY: reaping our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid);
+    status
+}
+
+/// `fork()` as the raw system call, without glibc's wrapper.
+///
+/// glibc's `fork()` takes the malloc locks for the whole system call. With
+/// `EVENT_FORK` the system call waits until the Fork event is read, so a
+/// handler thread in the same process that allocates would deadlock. The raw
+/// call holds no lock of ours. The child may only do async-signal-safe
+/// things (no allocation, no locks) and must leave with `_exit`.
+pub fn raw_fork() -> libc::pid_t {
+    // SAFETY: clone with only SIGCHLD is fork(); the child runs on a copy of
+    // the calling thread's stack, as after fork().
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
+    assert!(pid >= 0, "clone: {}", std::io::Error::last_os_error());
+    pid as libc::pid_t
+}
+
+/// Forks; the child reads the byte at `addr` and exits with it as its
+/// status. Only raw memory access and `_exit` run in the child, so this is
+/// safe in a multi-threaded test process. Returns the child's pid.
+pub fn fork_reader(addr: usize) -> libc::pid_t {
+    let pid = raw_fork();
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let v = std::ptr::read_volatile(addr as *const u8);
+            libc::_exit(v as i32);
+        }
+    }
+    pid
+}
+
+/// Runs this test binary again with only test `name` (an `#[ignore]`d test
+/// that acts as a child entry point) and returns its exit status, killing
+/// it if it runs past `BOUND`.
+pub fn run_child_test(name: &str, env: &[(&str, &str)]) -> std::process::ExitStatus {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdout(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("child test {name} ran past {BOUND:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
