@@ -308,6 +308,15 @@ impl EventBuffer {
         )
     }
 
+    /// Appends a message as if it had been read (tests of decoding).
+    #[cfg(test)]
+    fn push_for_test(&mut self, msg: sys::uffd_msg, info: Info) {
+        assert!(self.tail < self.msgs.len());
+        self.msgs[self.tail] = MaybeUninit::new(msg);
+        self.tail += 1;
+        self.info = Some(info);
+    }
+
     /// One `read(2)` of `fd` into the free space of the buffer.
     pub(crate) fn fill_from(&mut self, fd: RawFd, info: Info) -> Result<usize, ReadError> {
         if self.head == self.tail {
@@ -437,6 +446,29 @@ mod tests {
                 end: 0x3000
             }))
         ));
+    }
+
+    #[test]
+    fn an_undecodable_message_is_one_error_item_and_the_next_is_unaffected() {
+        let info = Info {
+            features: Features::empty(),
+            available: Features::empty(),
+            ioctls: crate::Ioctls::empty(),
+            page_size: 4096,
+        };
+        let mut buf = EventBuffer::new(4);
+        buf.push_for_test(msg(0x42, [0, 0, 0]), info);
+        buf.push_for_test(msg(sys::UFFD_EVENT_PAGEFAULT, [0, 0x5000, 0]), info);
+        assert!(matches!(
+            buf.next_event(),
+            Some(Err(Error::UnknownEvent { code: 0x42, .. }))
+        ));
+        match buf.next_event() {
+            Some(Ok(Event::PageFault(pf))) => assert_eq!(pf.address, 0x5000),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(buf.next_event().is_none());
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -834,3 +834,56 @@ fn hugetlb_minor_fault_is_resolved_with_continue() {
     assert_eq!(t.join().unwrap(), data[4097]);
     assert_eq!(area.slice(), &data[..]);
 }
+
+#[test]
+fn move_of_a_source_hole_needs_allow_src_holes() {
+    let Some(uffd) = try_uffd(UffdBuilder::new().want(Features::MOVE)) else {
+        return;
+    };
+    if !uffd.features().contains(Features::MOVE) {
+        return skip("kernel lacks UFFD_FEATURE_MOVE (6.8+)");
+    }
+    let page = uffd.page_size();
+    let src = Mapping::anon(page); // never touched: a hole
+    let dst = Mapping::anon(page);
+    // SAFETY: fresh mapping that no thread touches.
+    unsafe { uffd.register(dst.addr, page, RegisterMode::MISSING) }.unwrap();
+    // SAFETY: `src` holds nothing anyone relies on.
+    let err = unsafe { uffd.move_pages(dst.addr, src.addr, page, MoveFlags::empty()) }.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RangeGone, "{err:?}");
+    // SAFETY: as above.
+    let moved =
+        unsafe { uffd.move_pages(dst.addr, src.addr, page, MoveFlags::ALLOW_SRC_HOLES) }.unwrap();
+    assert_eq!(moved, page);
+}
+
+#[test]
+fn continue_mode_wp_maps_the_page_write_protected() {
+    let Some(uffd) = uffd_with(
+        Features::MINOR_SHMEM | Features::PAGEFAULT_FLAG_WP | Features::WP_HUGETLBFS_SHMEM,
+    ) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let Some(fd) = memfd(page, false) else { return };
+    let area = Mapping::new(page, libc::MAP_SHARED, fd.as_raw_fd()).unwrap();
+    let fill = Mapping::new(page, libc::MAP_SHARED, fd.as_raw_fd()).unwrap();
+    // SAFETY: fresh mapping, touched only by the thread below.
+    unsafe { uffd.register(area.addr, page, RegisterMode::MINOR | RegisterMode::WP) }.unwrap();
+    write_at(fill.addr, 0x11);
+    let addr = area.addr;
+    let t = thread::spawn(move || write_at(addr, 0x22));
+    let mut buf = EventBuffer::new(8);
+    let f = expect_fault(&uffd, &mut buf);
+    assert_eq!(f.kind(), FaultKind::Minor);
+    uffd.continue_range(area.addr, page, ContinueFlags::WP)
+        .unwrap();
+    // The retried write now hits the write protection.
+    let f = expect_fault(&uffd, &mut buf);
+    assert_eq!(f.kind(), FaultKind::WriteProtect);
+    assert_eq!(area.read(0), 0x11);
+    uffd.write_unprotect(area.addr, page, UnprotectFlags::empty())
+        .unwrap();
+    t.join().unwrap();
+    assert_eq!(fill.read(0), 0x22);
+}
