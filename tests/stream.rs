@@ -184,7 +184,7 @@ fn stream_is_cancel_safe() {
 
         // Pending, woken by a fault, dropped before it is polled again.
         {
-            let mut next = std::pin::pin!(stream.next());
+            let mut next = Box::pin(stream.next());
             assert!(futures::poll!(next.as_mut()).is_pending());
             let addr = mem.addr + page;
             let t2 = thread::spawn(move || read_at(addr));
