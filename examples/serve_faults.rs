@@ -113,7 +113,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let faults = rt.block_on(async {
         let uffd = AsyncUffd::new(uffd)?;
-        let mut events = uffd.event_stream();
+        let mut events = uffd.event_stream()?;
         let mut buf = vec![0u8; page];
         let mut served = 0usize;
         let mut faults = 0usize;

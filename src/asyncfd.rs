@@ -4,6 +4,7 @@ use std::fmt;
 use std::io;
 use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -29,7 +30,7 @@ use crate::uffd::{ReadError, Uffd};
 /// use tokio_uffd::{AsyncUffd, Event, Uffd, ZeropageFlags};
 ///
 /// let uffd = AsyncUffd::new(Uffd::new()?)?;
-/// let mut events = uffd.event_stream();
+/// let mut events = uffd.event_stream()?;
 /// while let Some(event) = events.next().await {
 ///     if let Event::PageFault(fault) = event? {
 ///         let page = uffd.page_size();
@@ -43,22 +44,35 @@ use crate::uffd::{ReadError, Uffd};
 /// ```
 #[derive(Clone)]
 pub struct AsyncUffd {
-    inner: Arc<AsyncFd<Uffd>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fd: AsyncFd<Uffd>,
+    /// Whether an `EventStream` exists.
+    reading: AtomicBool,
 }
 
 impl fmt::Debug for AsyncUffd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("AsyncUffd")
-            .field(self.inner.get_ref())
+            .field(self.inner.fd.get_ref())
             .finish()
     }
 }
 
-fn register(uffd: Uffd) -> std::result::Result<AsyncFd<Uffd>, (Uffd, io::Error)> {
+fn register(uffd: Uffd) -> std::result::Result<AsyncUffd, (Uffd, io::Error)> {
     // SAFETY: `Uffd` owns its fd (an `OwnedFd` it never replaces), so the fd
     // stays open and refers to the same file description for as long as the
     // `AsyncFd` owns the `Uffd`, and `as_raw_fd` always returns it.
-    unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }.map_err(|e| e.into_parts())
+    unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }
+        .map(|fd| AsyncUffd {
+            inner: Arc::new(Inner {
+                fd,
+                reading: AtomicBool::new(false),
+            }),
+        })
+        .map_err(|e| e.into_parts())
 }
 
 impl AsyncUffd {
@@ -75,11 +89,7 @@ impl AsyncUffd {
     /// [`Error::Os`] if the reactor refuses the fd (the `Uffd` is closed).
     #[track_caller]
     pub fn new(uffd: Uffd) -> Result<Self> {
-        register(uffd)
-            .map(|fd| Self {
-                inner: Arc::new(fd),
-            })
-            .map_err(|(_, source)| reactor_error(source))
+        register(uffd).map_err(|(_, source)| reactor_error(source))
     }
 
     /// Like [`new`](Self::new), but hands the `Uffd` back on failure,
@@ -92,53 +102,53 @@ impl AsyncUffd {
     ///
     /// # Errors
     ///
-    /// The `Uffd` with [`Error::Os`]: no runtime, or the reactor refused
-    /// the fd.
+    /// The `Uffd` with [`Error::NoRuntime`] outside a runtime, or with
+    /// [`Error::Os`] if the reactor refused the fd.
     #[track_caller]
     pub fn try_new(uffd: Uffd) -> std::result::Result<Self, (Uffd, Error)> {
-        if let Err(e) = tokio::runtime::Handle::try_current() {
-            return Err((
-                uffd,
-                Error::Os {
-                    what: "AsyncUffd::try_new needs a Tokio runtime",
-                    source: io::Error::other(e),
-                },
-            ));
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err((uffd, Error::NoRuntime { what: "AsyncUffd" }));
         }
-        register(uffd)
-            .map(|fd| Self {
-                inner: Arc::new(fd),
-            })
-            .map_err(|(uffd, source)| (uffd, reactor_error(source)))
+        register(uffd).map_err(|(uffd, source)| (uffd, reactor_error(source)))
     }
 
     /// The userfaultfd.
     pub fn uffd(&self) -> &Uffd {
-        self.inner.get_ref()
+        self.inner.fd.get_ref()
     }
 
-    /// A stream of the events of this userfaultfd, reading up to
+    /// The stream of the events of this userfaultfd, reading up to
     /// [`DEFAULT_BATCH`] messages per `read(2)`.
     ///
-    /// Each message goes to exactly one stream: use one stream per
-    /// userfaultfd.
-    pub fn event_stream(&self) -> EventStream {
+    /// # Errors
+    ///
+    /// [`Error::StreamExists`] while another stream of this userfaultfd is
+    /// alive: there is one reader per userfaultfd (each message goes to one
+    /// reader, and Tokio wakes only the last reader that waited).
+    pub fn event_stream(&self) -> Result<EventStream> {
         self.event_stream_with_batch(DEFAULT_BATCH)
     }
 
-    /// A stream reading up to `batch` messages (at least 1) per `read(2)`.
-    pub fn event_stream_with_batch(&self, batch: usize) -> EventStream {
-        EventStream {
+    /// The stream reading up to `batch` messages (at least 1) per `read(2)`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`event_stream`](Self::event_stream).
+    pub fn event_stream_with_batch(&self, batch: usize) -> Result<EventStream> {
+        if self.inner.reading.swap(true, Ordering::AcqRel) {
+            return Err(Error::StreamExists);
+        }
+        Ok(EventStream {
             uffd: self.clone(),
             buf: EventBuffer::new(batch),
-        }
+        })
     }
 
     /// Deregisters from the reactor and returns the `Uffd`, if this is the
     /// last handle (no clone and no stream alive); otherwise `Err(self)`.
     pub fn into_inner(self) -> std::result::Result<Uffd, Self> {
         match Arc::try_unwrap(self.inner) {
-            Ok(fd) => Ok(fd.into_inner()),
+            Ok(inner) => Ok(inner.fd.into_inner()),
             Err(inner) => Err(Self { inner }),
         }
     }
@@ -155,7 +165,7 @@ impl Deref for AsyncUffd {
     type Target = Uffd;
 
     fn deref(&self) -> &Uffd {
-        self.inner.get_ref()
+        self.inner.fd.get_ref()
     }
 }
 
@@ -212,11 +222,15 @@ impl EventStream {
     /// queues, and Tokio ignores a clear that races with a newer wake-up, so
     /// no message is missed; this saves one `read(2)` per fault).
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event>> {
+        // Yielding buffered events costs Tokio's cooperative budget too, so
+        // a flood of faults cannot starve the other tasks of the runtime.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
         loop {
             if let Some(event) = self.buf.next_event() {
+                coop.made_progress();
                 return Poll::Ready(event);
             }
-            let mut guard = ready!(self.uffd.inner.poll_read_ready(cx))
+            let mut guard = ready!(self.uffd.inner.fd.poll_read_ready(cx))
                 .map_err(|source| Error::Read { source })?;
             let room = self.buf.capacity() - self.buf.len();
             match guard.get_inner().read_raw(&mut self.buf) {
@@ -268,6 +282,19 @@ impl Stream for EventStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_event(cx).map(Some)
+    }
+}
+
+impl futures::stream::FusedStream for EventStream {
+    /// Never: a userfaultfd has no end of file.
+    fn is_terminated(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.uffd.inner.reading.store(false, Ordering::Release);
     }
 }
 

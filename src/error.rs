@@ -75,7 +75,10 @@ pub enum ErrorKind {
     /// waiters: call [`Uffd::wake`](crate::Uffd::wake) on the range.
     Exists,
     /// `ENOENT`: the range is gone (unmapped, or no longer registered); drop
-    /// the fault.
+    /// the fault. (Right after an [`Event::Unmap`](crate::Event::Unmap) or
+    /// [`Event::Remap`](crate::Event::Remap) the kernel may also answer
+    /// `EINVAL`, reported as [`InvalidInput`](Self::InvalidInput): a handler
+    /// that tracks those events knows the range is gone.)
     RangeGone,
     /// `ESRCH`: the process that owns the memory has exited.
     ProcessExited,
@@ -245,6 +248,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// A fault could not be resolved and the server's failure policy says
+    /// to stop (or to poison, and poisoning failed).
+    #[error("the fault at {addr:#x} could not be resolved: {reason}")]
+    Handler {
+        /// The faulting address.
+        addr: usize,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// The server itself failed (its task panicked or was cancelled).
+    #[error("{reason}")]
+    Server {
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// An async type was created outside a Tokio runtime.
+    #[error(
+        "{what} needs a Tokio runtime: call it from within one (or enter one with Runtime::enter)"
+    )]
+    NoRuntime {
+        /// What was being created.
+        what: &'static str,
+    },
+
+    /// A second [`EventStream`](crate::EventStream) was asked for while one
+    /// exists: each message goes to one reader, and Tokio keeps only one
+    /// reader's waker, so two would lose wake-ups.
+    #[error("this userfaultfd already has an EventStream; drop it (or use it) instead of making a second")]
+    StreamExists,
+
     /// Any other OS error (for example from `fcntl`).
     #[error("{what}: {source}")]
     Os {
@@ -299,6 +334,7 @@ impl Error {
                 _ => ErrorKind::Other,
             },
             Error::MissingFeatures { .. } | Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::NoRuntime { .. } => ErrorKind::Other,
             Error::Unaligned { .. } | Error::BadRange { .. } => ErrorKind::InvalidInput,
             Error::Ioctl { source, .. } => match source.raw_os_error() {
                 Some(libc::EAGAIN) => ErrorKind::Retry,
@@ -318,6 +354,9 @@ impl Error {
             Error::PartialMessage { .. }
             | Error::UnknownEvent { .. }
             | Error::BadMessage { .. }
+            | Error::Handler { .. }
+            | Error::Server { .. }
+            | Error::StreamExists
             | Error::Os { .. } => ErrorKind::Other,
         }
     }
@@ -351,7 +390,9 @@ fn is_perm(e: &io::Error) -> bool {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::Retry => io::ErrorKind::WouldBlock,
+            ErrorKind::WouldBlock => io::ErrorKind::WouldBlock,
+            // Not WouldBlock: that would read as "nothing to read".
+            ErrorKind::Retry => io::ErrorKind::Other,
             ErrorKind::Exists => io::ErrorKind::AlreadyExists,
             ErrorKind::RangeGone => io::ErrorKind::NotFound,
             ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,

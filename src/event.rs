@@ -8,7 +8,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use crate::error::{Error, Result};
 use crate::flags::{Features, PageFaultFlags};
 use crate::sys;
-use crate::uffd::{Info, ReadError, Uffd};
+use crate::uffd::{Parent, ReadError, Uffd};
 
 /// One event read from a userfaultfd.
 ///
@@ -35,6 +35,7 @@ pub enum Event {
 
 /// Why a page fault was raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FaultKind {
     /// The page is missing: resolve with copy, zeropage, poison or move.
     Missing,
@@ -233,7 +234,9 @@ pub struct EventBuffer {
     /// Messages `head..tail` are initialised and not yet taken.
     head: usize,
     tail: usize,
-    info: Option<Info>,
+    /// What the userfaultfd that filled the buffer grants (thread ids) and
+    /// passes on to forked children.
+    parent: Option<Parent>,
 }
 
 impl fmt::Debug for EventBuffer {
@@ -262,7 +265,7 @@ impl EventBuffer {
             msgs: (0..capacity).map(|_| MaybeUninit::uninit()).collect(),
             head: 0,
             tail: 0,
-            info: None,
+            parent: None,
         }
     }
 
@@ -288,37 +291,36 @@ impl EventBuffer {
         if self.head == self.tail {
             return None;
         }
+        // Messages are only ever stored together with their parent.
+        let parent = self.parent?;
         // SAFETY: `head < tail`, and messages `head..tail` are initialised.
         let msg = unsafe { self.msgs[self.head].assume_init_read() };
         self.head += 1;
-        let info = self.info?;
-        Some(
-            decode(&msg, info.features.contains(Features::THREAD_ID)).map(|d| match d {
-                Decoded::Event(e) => e,
-                Decoded::Fork(fd) => {
-                    // SAFETY: the kernel installed this fd in our table when
-                    // `read(2)` returned the message, and the message was
-                    // just taken from the buffer, so nothing else owns it.
-                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                    Event::Fork(Fork {
-                        uffd: Uffd::from_fork(fd, info),
-                    })
-                }
-            }),
-        )
+        let thread_id = parent.info.features.contains(Features::THREAD_ID);
+        Some(decode(&msg, thread_id).and_then(|d| match d {
+            Decoded::Event(e) => Ok(e),
+            Decoded::Fork(fd) => {
+                // SAFETY: the kernel installed this fd in our table when
+                // `read(2)` returned the message, and the message was just
+                // taken from the buffer, so nothing else owns it.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // On error the fd is closed with `fd`.
+                Uffd::from_fork(fd, parent).map(|uffd| Event::Fork(Fork { uffd }))
+            }
+        }))
     }
 
     /// Appends a message as if it had been read (tests of decoding).
     #[cfg(test)]
-    fn push_for_test(&mut self, msg: sys::uffd_msg, info: Info) {
+    fn push_for_test(&mut self, msg: sys::uffd_msg, parent: Parent) {
         assert!(self.tail < self.msgs.len());
         self.msgs[self.tail] = MaybeUninit::new(msg);
         self.tail += 1;
-        self.info = Some(info);
+        self.parent = Some(parent);
     }
 
     /// One `read(2)` of `fd` into the free space of the buffer.
-    pub(crate) fn fill_from(&mut self, fd: RawFd, info: Info) -> Result<usize, ReadError> {
+    pub(crate) fn fill_from(&mut self, uffd: &Uffd) -> Result<usize, ReadError> {
         if self.head == self.tail {
             self.head = 0;
             self.tail = 0;
@@ -333,8 +335,9 @@ impl EventBuffer {
                 "the EventBuffer is full: take its events before reading again",
             )));
         }
-        self.info = Some(info);
-        let n = sys::read_msgs(fd, &mut self.msgs[self.tail..]).map_err(ReadError::Os)?;
+        self.parent = Some(uffd.parent());
+        let n =
+            sys::read_msgs(uffd.borrowed(), &mut self.msgs[self.tail..]).map_err(ReadError::Os)?;
         let whole = n / size_of::<sys::uffd_msg>();
         // Keep every whole message, so that the fds of fork messages are
         // owned (and closed on drop) even if the read is reported as bad.
@@ -450,11 +453,14 @@ mod tests {
 
     #[test]
     fn an_undecodable_message_is_one_error_item_and_the_next_is_unaffected() {
-        let info = Info {
-            features: Features::empty(),
-            available: Features::empty(),
-            ioctls: crate::Ioctls::empty(),
-            page_size: 4096,
+        let info = Parent {
+            info: crate::uffd::Info {
+                features: Features::empty(),
+                available: Features::empty(),
+                ioctls: crate::Ioctls::empty(),
+                page_size: 4096,
+            },
+            user_mode_only: true,
         };
         let mut buf = EventBuffer::new(4);
         buf.push_for_test(msg(0x42, [0, 0, 0]), info);

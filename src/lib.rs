@@ -14,6 +14,10 @@
 //!   batch reads of [`Event`]s.
 //! - [`AsyncUffd`] and [`EventStream`]: the fd on Tokio's reactor and a
 //!   [`Stream`](futures::Stream) of events.
+//! - [`Server`], [`FaultHandler`] and [`PageSource`]: say where page
+//!   contents come from; the server resolves every fault from spawned tasks
+//!   and handles the kernel's edge cases (duplicates, `EEXIST`, `EAGAIN`,
+//!   removed, remapped and unmapped ranges, forks, failures, prefetch).
 //!
 //! # Example
 //!
@@ -46,7 +50,7 @@
 //! unsafe { uffd.register(start, len, RegisterMode::MISSING)? };
 //!
 //! let uffd = AsyncUffd::new(uffd)?;
-//! let mut events = uffd.event_stream();
+//! let mut events = uffd.event_stream()?;
 //! // Touch the memory from a plain thread, never from the runtime that
 //! // serves its faults (see "gotchas" below).
 //! let toucher = std::thread::spawn(move || {
@@ -112,6 +116,11 @@ mod asyncfd;
 mod error;
 mod event;
 mod flags;
+mod handler;
+mod layout;
+mod server;
+mod source;
+mod stats;
 pub mod sys;
 mod uffd;
 
@@ -124,4 +133,9 @@ pub use flags::{
     ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PageFaultFlags, PoisonFlags,
     RegisterMode, UnprotectFlags, ZeropageFlags,
 };
+pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHandler};
+pub use layout::Region;
+pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
+pub use source::{FileSource, MemorySource, PageSource, ZeroSource};
+pub use stats::{Latency, Stats, StatsSnapshot};
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};

@@ -20,7 +20,7 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 // ---------------------------------------------------------------------------
 // ioctl number encoding (asm-generic/ioctl.h; x86, arm64, riscv, ...)
@@ -463,7 +463,7 @@ pub fn userfaultfd_from_device(flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags as a plain integer argument.
     let ret = unsafe {
         libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&dev),
+            dev.as_raw_fd(),
             USERFAULTFD_IOC_NEW as _,
             flags as libc::c_long,
         )
@@ -494,11 +494,15 @@ pub unsafe fn ioctl<T>(fd: RawFd, request: u32, arg: &mut T) -> io::Result<()> {
 }
 
 /// `read(2)` of whole messages into `buf`. Returns the number of bytes read.
-pub fn read_msgs(fd: RawFd, buf: &mut [std::mem::MaybeUninit<uffd_msg>]) -> io::Result<usize> {
+/// The caller owns the fds of any fork messages read.
+pub(crate) fn read_msgs(
+    fd: BorrowedFd<'_>,
+    buf: &mut [std::mem::MaybeUninit<uffd_msg>],
+) -> io::Result<usize> {
     let len = std::mem::size_of_val(buf);
     // SAFETY: `buf` is writable for `len` bytes; the kernel writes whole
     // messages into it and reports how many bytes it wrote.
-    let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), len) };
+    let ret = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -510,17 +514,31 @@ pub fn read_msgs(fd: RawFd, buf: &mut [std::mem::MaybeUninit<uffd_msg>]) -> io::
 pub fn page_size() -> usize {
     // SAFETY: sysconf takes an integer name and touches no memory of ours.
     let ret = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    // POSIX guarantees _SC_PAGESIZE; 4096 is only a fallback for a libc
-    // that fails it, which Linux libcs never do.
     if ret > 0 {
-        ret as usize
-    } else {
-        4096
+        return ret as usize;
     }
+    // Linux libcs never fail _SC_PAGESIZE; the kernel's auxiliary vector
+    // holds the same value.
+    // SAFETY: getauxval reads the process's auxiliary vector.
+    unsafe { libc::getauxval(libc::AT_PAGESZ) as usize }
+}
+
+/// Whether `fd` polls as `POLLERR` right now (a userfaultfd before
+/// `UFFDIO_API`, or a blocking one).
+pub(crate) fn poll_error(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLERR != 0
 }
 
 /// Sets `O_NONBLOCK` on the open file description and `FD_CLOEXEC` on `fd`.
-pub fn set_nonblocking_cloexec(fd: RawFd) -> io::Result<()> {
+pub(crate) fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
     // SAFETY: F_GETFL takes no argument and touches no memory of ours.
     let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if fl < 0 {
@@ -544,4 +562,10 @@ pub fn set_nonblocking_cloexec(fd: RawFd) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `gettid(2)`: the calling thread's id.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() as u32 }
 }

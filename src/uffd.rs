@@ -36,6 +36,13 @@ pub(crate) struct Info {
     pub(crate) page_size: usize,
 }
 
+/// What a forked child's userfaultfd inherits from its parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Parent {
+    pub(crate) info: Info,
+    pub(crate) user_mode_only: bool,
+}
+
 /// A userfaultfd: an owned, non-blocking, close-on-exec file descriptor and
 /// what the kernel granted it.
 ///
@@ -56,6 +63,7 @@ pub struct Uffd {
     fd: OwnedFd,
     info: Info,
     method: Option<CreateMethod>,
+    user_mode_only: bool,
 }
 
 impl fmt::Debug for Uffd {
@@ -155,71 +163,77 @@ impl UffdBuilder {
     /// [`Error::Api`] if the kernel refuses the request otherwise (for
     /// example `EVENT_FORK` without `CAP_SYS_PTRACE`).
     pub fn create(&self) -> Result<Uffd> {
-        let (fd, method) = self.open()?;
-        let request = self.required | self.wanted;
-        let (fd, features, reply) = match api(&fd, request) {
-            Ok(reply) => (fd, request, reply),
-            Err(first) => {
-                drop(fd);
-                // Find out what the kernel offers on a throwaway fd: a
-                // failed UFFDIO_API reports nothing back.
-                let (probe, _) = self.open()?;
+        let mut request = self.required | self.wanted;
+        let mut probed = false;
+        loop {
+            let (fd, method, user_mode_only) = self.open()?;
+            let source = match api(&fd, request) {
+                Ok(reply) => {
+                    let mut features = request;
+                    if features.contains(Features::WP_ASYNC) {
+                        // The kernel turns WP_UNPOPULATED on with WP_ASYNC.
+                        features |= Features::WP_UNPOPULATED;
+                    }
+                    return Ok(Uffd {
+                        fd,
+                        info: Info {
+                            features,
+                            available: Features::from_bits_retain(reply.features),
+                            ioctls: Ioctls::from_bits_retain(reply.ioctls),
+                            page_size: sys::page_size(),
+                        },
+                        method: Some(method),
+                        user_mode_only,
+                    });
+                }
+                Err(e) => e,
+            };
+            drop(fd);
+            let fork_only_wanted = request.contains(Features::EVENT_FORK)
+                && !self.required.contains(Features::EVENT_FORK);
+            if source.raw_os_error() == Some(libc::EPERM) && fork_only_wanted {
+                // EVENT_FORK needs CAP_SYS_PTRACE, and it was only wanted.
+                request -= Features::EVENT_FORK;
+                continue;
+            }
+            if !probed {
+                probed = true;
+                // A failed UFFDIO_API reports nothing back: ask what the
+                // kernel offers on a throwaway fd.
+                let (probe, _, _) = self.open()?;
                 let offered = api(&probe, Features::empty()).map_err(|source| Error::Api {
                     requested: Features::empty(),
                     hint: "",
                     source,
                 })?;
-                drop(probe);
                 let available = Features::from_bits_retain(offered.features);
                 let missing = self.required - available;
                 if !missing.is_empty() {
                     return Err(Error::MissingFeatures { missing, available });
                 }
-                let mut request = self.required | (self.wanted & available);
-                if first.raw_os_error() == Some(libc::EPERM)
-                    && !self.required.contains(Features::EVENT_FORK)
-                {
-                    // EVENT_FORK needs CAP_SYS_PTRACE; it was only wanted.
-                    request -= Features::EVENT_FORK;
-                }
-                let (fd, _) = self.open()?;
-                match api(&fd, request) {
-                    Ok(reply) => (fd, request, reply),
-                    Err(source) => {
-                        let hint = if source.raw_os_error() == Some(libc::EPERM)
-                            && request.contains(Features::EVENT_FORK)
-                        {
-                            " (EVENT_FORK needs CAP_SYS_PTRACE)"
-                        } else {
-                            ""
-                        };
-                        return Err(Error::Api {
-                            requested: request,
-                            hint,
-                            source,
-                        });
-                    }
+                let narrowed = request & (self.required | available);
+                if narrowed != request {
+                    request = narrowed;
+                    continue;
                 }
             }
-        };
-        let mut features = features;
-        if features.contains(Features::WP_ASYNC) {
-            // The kernel turns WP_UNPOPULATED on with WP_ASYNC.
-            features |= Features::WP_UNPOPULATED;
+            let hint = if source.raw_os_error() == Some(libc::EPERM)
+                && request.contains(Features::EVENT_FORK)
+            {
+                " (EVENT_FORK needs CAP_SYS_PTRACE)"
+            } else {
+                ""
+            };
+            return Err(Error::Api {
+                requested: request,
+                hint,
+                source,
+            });
         }
-        Ok(Uffd {
-            fd,
-            info: Info {
-                features,
-                available: Features::from_bits_retain(reply.features),
-                ioctls: Ioctls::from_bits_retain(reply.ioctls),
-                page_size: sys::page_size(),
-            },
-            method: Some(method),
-        })
     }
 
-    fn open(&self) -> Result<(OwnedFd, CreateMethod)> {
+    /// Opens a userfaultfd; also says whether it is user-mode-only.
+    fn open(&self) -> Result<(OwnedFd, CreateMethod, bool)> {
         let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
         if self.user_mode_only {
             match self.open_flags(base | sys::UFFD_USER_MODE_ONLY) {
@@ -228,19 +242,22 @@ impl UffdBuilder {
                     device, syscall, ..
                 }) if device.raw_os_error() == Some(libc::EINVAL)
                     || syscall.raw_os_error() == Some(libc::EINVAL) => {}
-                other => return other,
+                other => return other.map(|(fd, m)| (fd, m, true)),
             }
         }
-        self.open_flags(base)
+        self.open_flags(base).map(|(fd, m)| (fd, m, false))
     }
 
     fn open_flags(&self, flags: i32) -> Result<(OwnedFd, CreateMethod)> {
         let not_tried = || io::Error::other("not tried");
         let fail = |device: io::Error, syscall: io::Error| {
-            let hint = if syscall.raw_os_error() == Some(libc::ENOSYS) {
-                NOSYS_HINT
-            } else {
-                CREATE_HINT
+            let hint = match syscall.raw_os_error().or(device.raw_os_error()) {
+                Some(libc::ENOSYS) => NOSYS_HINT,
+                Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                    "the process or the system is out of file descriptors: close some or raise `ulimit -n`"
+                }
+                Some(libc::ENOMEM) => "the kernel is out of memory",
+                _ => CREATE_HINT,
             };
             Error::Create {
                 device,
@@ -354,17 +371,18 @@ impl Uffd {
             ))
         })?;
         const INITIALIZED: u64 = 1 << 31;
-        if features & INITIALIZED == 0 && features == 0 {
+        sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|source| Error::Os {
+            what: "making the adopted userfaultfd non-blocking",
+            source,
+        })?;
+        // Before UFFDIO_API a userfaultfd polls as POLLERR, on every kernel.
+        if sys::poll_error(fd.as_fd()) {
             return Err(not(
                 "UFFDIO_API was not done on it yet; create it with UffdBuilder instead, \
                  or call UFFDIO_API where it was made"
                     .into(),
             ));
         }
-        sys::set_nonblocking_cloexec(raw).map_err(|source| Error::Os {
-            what: "making the adopted userfaultfd non-blocking",
-            source,
-        })?;
         Ok(Uffd {
             fd,
             info: Info {
@@ -374,15 +392,43 @@ impl Uffd {
                 page_size: sys::page_size(),
             },
             method: None,
+            user_mode_only: false,
         })
     }
 
-    pub(crate) fn from_fork(fd: OwnedFd, parent: Info) -> Self {
-        Uffd {
+    /// The userfaultfd of a forked child. The kernel gives it the flags its
+    /// parent was *created* with, which for an adopted parent may lack
+    /// `O_NONBLOCK`/`O_CLOEXEC`: set them.
+    pub(crate) fn from_fork(fd: OwnedFd, parent: Parent) -> Result<Self> {
+        sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|source| Error::Os {
+            what: "making a forked child's userfaultfd non-blocking",
+            source,
+        })?;
+        Ok(Uffd {
             fd,
-            info: parent,
+            info: parent.info,
             method: None,
+            user_mode_only: parent.user_mode_only,
+        })
+    }
+
+    /// What a forked child's userfaultfd inherits from this one.
+    pub(crate) fn parent(&self) -> Parent {
+        Parent {
+            info: self.info,
+            user_mode_only: self.user_mode_only,
         }
+    }
+
+    pub(crate) fn borrowed(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Whether faults from kernel mode are refused (`UFFD_USER_MODE_ONLY`).
+    /// False when it was asked for but the kernel (before 5.11) lacks it, and
+    /// for adopted fds, where it is not known.
+    pub fn user_mode_only(&self) -> bool {
+        self.user_mode_only
     }
 
     /// The features enabled on this userfaultfd.
@@ -662,7 +708,8 @@ impl Uffd {
     /// of one process) without copying, and wakes the waiters at `dst`
     /// unless `DONTWAKE`. Returns the bytes moved.
     ///
-    /// The userfaultfd must have been created with [`Features::MOVE`].
+    /// The kernel allows it only when the memory belongs to the calling
+    /// process (`EINVAL` otherwise).
     ///
     /// # Safety
     ///
@@ -673,7 +720,7 @@ impl Uffd {
     ///
     /// # Errors
     ///
-    /// [`Error::Unsupported`] without `MOVE`; range errors before the call;
+    /// [`Error::Unsupported`] if the kernel lacks `MOVE`; range errors before the call;
     /// otherwise as for [`copy`](Self::copy), and `RangeGone` for a hole in
     /// `src` without `ALLOW_SRC_HOLES`.
     pub unsafe fn move_pages(
@@ -683,21 +730,21 @@ impl Uffd {
         len: usize,
         flags: MoveFlags,
     ) -> Result<usize> {
-        if !self.features().contains(Features::MOVE) {
-            return Err(Error::Unsupported {
-                op: Op::Move,
-                needs: Features::MOVE,
-                has: self.features(),
-                hint: "create the userfaultfd with .want(Features::MOVE) or .require(Features::MOVE) (kernel 6.8+)",
-            });
-        }
+        self.check_available(Op::Move, Features::MOVE, "needs kernel 6.8 or later")?;
         check_range(Op::Move, dst, len, self.page_size())?;
-        if src % self.page_size() != 0 || src.checked_add(len).is_none() {
+        if src % self.page_size() != 0 {
             return Err(Error::Unaligned {
                 op: Op::Move,
                 what: "src",
                 value: src,
                 page_size: self.page_size(),
+            });
+        }
+        if src.checked_add(len).is_none() {
+            return Err(Error::BadRange {
+                op: Op::Move,
+                start: src,
+                len,
             });
         }
         let mut arg = sys::uffdio_move {
@@ -745,7 +792,7 @@ impl Uffd {
     /// One `read(2)` into `buf`, with the OS error kept raw so the async
     /// layer can see `WouldBlock`.
     pub(crate) fn read_raw(&self, buf: &mut EventBuffer) -> Result<usize, ReadError> {
-        buf.fill_from(self.fd.as_raw_fd(), self.info)
+        buf.fill_from(self)
     }
 }
 

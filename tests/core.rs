@@ -469,18 +469,126 @@ fn move_takes_pages_from_the_source_to_the_destination() {
 }
 
 #[test]
-fn move_without_the_feature_is_a_clear_error() {
+fn move_checks_its_source_range() {
     let Some(uffd) = uffd_with(Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
     // SAFETY: refused before the kernel is asked.
-    let err = unsafe { uffd.move_pages(0x10000, 0x20000, page, MoveFlags::empty()) }.unwrap_err();
+    let err = unsafe { uffd.move_pages(0x10000, 0x20001, page, MoveFlags::empty()) }.unwrap_err();
     assert!(
-        matches!(err, Error::Unsupported { op: Op::Move, .. }),
+        matches!(
+            err,
+            Error::Unaligned {
+                op: Op::Move,
+                what: "src",
+                ..
+            }
+        ),
         "{err:?}"
     );
-    assert!(err.to_string().contains("Features::MOVE"), "{err}");
+    // SAFETY: refused before the kernel is asked.
+    let err =
+        unsafe { uffd.move_pages(0x10000, usize::MAX - page + 1, 2 * page, MoveFlags::empty()) }
+            .unwrap_err();
+    assert!(
+        matches!(err, Error::BadRange { op: Op::Move, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_fork_of_a_blocking_adopted_uffd_is_made_nonblocking_cloexec() {
+    // A userfaultfd made elsewhere without O_NONBLOCK/O_CLOEXEC: the kernel
+    // gives its forked children those creation flags.
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, 0) };
+    if fd < 0 {
+        return skip("userfaultfd(2) not permitted");
+    }
+    // SAFETY: a new fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = tokio_uffd::sys::uffdio_api {
+        api: tokio_uffd::sys::UFFD_API,
+        features: tokio_uffd::sys::UFFD_FEATURE_EVENT_FORK,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API with its argument type, as its creator would.
+    unsafe { tokio_uffd::sys::ioctl(fd.as_raw_fd(), tokio_uffd::sys::UFFDIO_API, &mut api) }
+        .unwrap();
+    let uffd = Uffd::from_fd(fd).unwrap();
+    assert!(uffd.features().contains(Features::EVENT_FORK));
+    let page = uffd.page_size();
+    let mem = Mapping::anon(page);
+    // SAFETY: fresh mapping; only the child touches it.
+    unsafe { uffd.register(mem.addr, page, RegisterMode::MISSING) }.unwrap();
+    let addr = mem.addr;
+    let forker = thread::spawn(move || fork_reader(addr));
+    let mut buf = EventBuffer::new(4);
+    let child = match next_event(&uffd, &mut buf) {
+        Event::Fork(f) => f.into_uffd(),
+        other => panic!("expected Fork, got {other:?}"),
+    };
+    // SAFETY: fcntl queries on the child's fd, which we own.
+    let (fl, fdfl) = unsafe {
+        (
+            libc::fcntl(child.as_raw_fd(), libc::F_GETFL),
+            libc::fcntl(child.as_raw_fd(), libc::F_GETFD),
+        )
+    };
+    assert_ne!(fl & libc::O_NONBLOCK, 0, "fork fd is blocking");
+    assert_ne!(
+        fdfl & libc::FD_CLOEXEC,
+        0,
+        "fork fd is inherited across exec"
+    );
+    let pid = forker.join().unwrap();
+    let mut cbuf = EventBuffer::new(4);
+    let f = expect_fault(&child, &mut cbuf);
+    child
+        .copy(f.page_start(page), &vec![0x21; page], CopyFlags::empty())
+        .unwrap();
+    assert_eq!(libc::WEXITSTATUS(wait_child(pid)), 0x21);
+}
+
+/// Child entry point for `auto_creation_falls_back_to_the_syscall_without_the_device`:
+/// runs where /dev is empty and checks that Auto used the system call.
+#[test]
+#[ignore = "child entry point, run by auto_creation_falls_back_to_the_syscall_without_the_device"]
+fn child_no_device_entry() {
+    if std::env::var("TOKIO_UFFD_CHILD").as_deref() != Ok("nodev") {
+        return;
+    }
+    assert!(!std::path::Path::new("/dev/userfaultfd").exists());
+    let uffd = UffdBuilder::new().create().unwrap();
+    assert_eq!(uffd.created_via(), Some(CreateMethod::Syscall));
+    let err = UffdBuilder::new()
+        .method(CreateMethod::Device)
+        .create()
+        .unwrap_err();
+    assert!(matches!(err, Error::Create { .. }), "{err:?}");
+    assert!(err.to_string().contains("/dev/userfaultfd"), "{err}");
+}
+
+#[test]
+fn auto_creation_falls_back_to_the_syscall_without_the_device() {
+    if uffd_with(Features::empty()).is_none() {
+        return;
+    }
+    // A private mount namespace with an empty /dev (needs root and unshare).
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs none /dev && exec "$0" child_no_device_entry --exact --ignored --test-threads=1"#)
+        .arg(&exe)
+        .env("TOKIO_UFFD_CHILD", "nodev")
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("the child without /dev/userfaultfd failed: {s:?}"),
+        Err(e) => skip(&format!("cannot run unshare(1): {e}")),
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -89,7 +89,7 @@ fn fork_fds_are_closed_whenever_their_event_is_not_taken() {
     let toucher = thread::spawn(move || read_at(addr));
     wait_pending_faults(uffd.as_raw_fd(), 1);
     rt.block_on(async {
-        let mut stream = uffd.event_stream_with_batch(4);
+        let mut stream = uffd.event_stream_with_batch(4).unwrap();
         let first = stream.next().await.unwrap().unwrap();
         let Event::PageFault(fault) = first else {
             panic!("expected the fault first, got {first:?}")

@@ -78,7 +78,7 @@ fn stream_wakes_once_a_fault_arrives_and_not_before() {
         .unwrap();
     let _guard = rt.enter();
     let uffd = AsyncUffd::new(uffd).unwrap();
-    let mut stream = uffd.event_stream();
+    let mut stream = uffd.event_stream().unwrap();
     let rec = Arc::new(RecordingWaker::default());
     let waker = Waker::from(rec.clone());
     let mut cx = Context::from_waker(&waker);
@@ -121,7 +121,7 @@ fn stream_does_not_busy_loop_while_idle() {
         .unwrap();
     rt.block_on(async {
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let mut stream = uffd.event_stream();
+        let mut stream = uffd.event_stream().unwrap();
         let polls = AtomicUsize::new(0);
         let mut counted = std::pin::pin!(std::future::poll_fn(|cx| {
             polls.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +165,7 @@ fn stream_is_cancel_safe() {
         .unwrap();
     rt.block_on(async {
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let mut stream = uffd.event_stream();
+        let mut stream = uffd.event_stream().unwrap();
 
         // Pending, dropped, then the fault: the next read gets it.
         {
@@ -217,7 +217,7 @@ fn short_reads_clear_readiness_without_missing_a_fault() {
         let rt = runtime(flavour);
         rt.block_on(async {
             let uffd = AsyncUffd::new(uffd).unwrap();
-            let mut stream = uffd.event_stream_with_batch(16);
+            let mut stream = uffd.event_stream_with_batch(16).unwrap();
             let base = mem.addr;
             let toucher = thread::spawn(move || {
                 (0..pages)
@@ -268,7 +268,7 @@ fn many_faulting_threads(flavour: &str) {
     let rt = runtime(flavour);
     rt.block_on(async {
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let stream = uffd.event_stream_with_batch(batch);
+        let stream = uffd.event_stream_with_batch(batch).unwrap();
         let base = mem.addr;
         let touchers: Vec<_> = (0..threads)
             .map(|i| thread::spawn(move || read_at(base + i * page + i)))
@@ -330,7 +330,7 @@ fn threads_faulting_on_one_page_are_resolved_once_and_all_woken() {
     let rt = runtime("multi_thread");
     rt.block_on(async {
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let mut stream = uffd.event_stream_with_batch(4);
+        let mut stream = uffd.event_stream_with_batch(4).unwrap();
         let addr = mem.addr;
         let touchers: Vec<_> = (0..16)
             .map(|_| thread::spawn(move || read_at(addr)))
@@ -368,7 +368,7 @@ fn a_forked_child_is_served_through_a_stream_of_its_own() {
     let rt = runtime("multi_thread");
     rt.block_on(async {
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let mut stream = uffd.event_stream();
+        let mut stream = uffd.event_stream().unwrap();
         let addr = mem.addr;
         let forker = thread::spawn(move || fork_reader(addr));
         let event = tokio::time::timeout(BOUND, stream.next()).await.unwrap();
@@ -376,7 +376,7 @@ fn a_forked_child_is_served_through_a_stream_of_its_own() {
             panic!("expected Fork, got {event:?}");
         };
         let child = AsyncUffd::new(fork.into_uffd()).unwrap();
-        let mut child_events = child.event_stream();
+        let mut child_events = child.event_stream().unwrap();
         let event = tokio::time::timeout(BOUND, child_events.next())
             .await
             .unwrap();
@@ -425,8 +425,65 @@ fn streams_and_handles_are_send() {
     let rt = runtime("current_thread");
     let _guard = rt.enter();
     let uffd = AsyncUffd::new(uffd).unwrap();
-    let mut stream = uffd.event_stream();
+    let mut stream = uffd.event_stream().unwrap();
     assert_send(&uffd);
     assert_send_future(&stream.next_event());
     assert_send(&stream);
+}
+
+#[test]
+fn a_second_stream_is_refused_while_the_first_lives() {
+    let Some(uffd) = uffd_with(Features::empty()) else {
+        return;
+    };
+    let rt = runtime("current_thread");
+    let _guard = rt.enter();
+    let uffd = AsyncUffd::new(uffd).unwrap();
+    let first = uffd.event_stream().unwrap();
+    let err = uffd.clone().event_stream().unwrap_err();
+    assert!(matches!(err, tokio_uffd::Error::StreamExists), "{err:?}");
+    drop(first);
+    assert!(uffd.event_stream().is_ok());
+}
+
+#[test]
+fn short_reads_under_concurrent_faults_lose_no_wakeup() {
+    // Four threads fault continuously while the stream reads with room for
+    // sixteen: every read is short and clears readiness, and faults keep
+    // landing between a read and its clear. None may be lost.
+    let threads = 4;
+    let per_thread = 500;
+    let Some((uffd, mem)) = registered(threads * per_thread, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = runtime("multi_thread");
+    rt.block_on(async {
+        let uffd = AsyncUffd::new(uffd).unwrap();
+        let mut stream = uffd.event_stream_with_batch(16).unwrap();
+        let base = mem.addr;
+        let touchers: Vec<_> = (0..threads)
+            .map(|t| {
+                thread::spawn(move || {
+                    (0..per_thread)
+                        .map(|i| read_at(base + (i * threads + t) * page) as usize)
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        let data = page_bytes(page, 1);
+        for n in 0..threads * per_thread {
+            let event = tokio::time::timeout(BOUND, stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("fault {n} never woke the stream"));
+            let Some(Ok(Event::PageFault(f))) = event else {
+                panic!("unexpected {event:?}");
+            };
+            uffd.copy(f.page_start(page), &data, CopyFlags::empty())
+                .unwrap();
+        }
+        for t in touchers {
+            assert_eq!(t.join().unwrap(), per_thread);
+        }
+    });
 }

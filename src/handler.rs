@@ -1,0 +1,150 @@
+//! The handler trait: how a fault is resolved.
+
+use std::future::Future;
+
+use crate::event::{FaultKind, Remap};
+use crate::source::PageSource;
+
+/// The error type handlers return.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A fault (or a prefetch run around it) that the server asks a handler to
+/// resolve. All addresses are page-aligned to `page_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FaultRequest {
+    /// First byte of the range to resolve.
+    pub addr: usize,
+    /// Bytes to resolve: the faulting page, or a prefetch run of pages.
+    pub len: usize,
+    /// The page size of the memory (huge for hugetlbfs).
+    pub page_size: usize,
+    /// The faulting address as the kernel reported it.
+    pub fault_addr: usize,
+    /// Why the fault was raised.
+    pub kind: FaultKind,
+    /// Whether the faulting access was a write.
+    pub write: bool,
+    /// The faulting thread, when `THREAD_ID` was granted.
+    pub thread_id: Option<u32>,
+    /// The page source of the region (see [`Region::source`](crate::Region::source)),
+    /// 0 outside any region.
+    pub source: usize,
+    /// The offset of `addr` in that source; outside any region, `addr`.
+    pub offset: u64,
+}
+
+/// How to resolve a [`FaultRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Resolution {
+    /// Copy the buffer the handler filled (`UFFDIO_COPY`).
+    Copy,
+    /// Map zeros (`UFFDIO_ZEROPAGE`; a zeroed copy on hugetlbfs).
+    Zero,
+    /// Map the page already in the page cache (`UFFDIO_CONTINUE`), for minor
+    /// faults.
+    Continue,
+    /// Remove write protection (`UFFDIO_WRITEPROTECT`), for write-protect
+    /// faults.
+    Unprotect,
+    /// Poison the range (`UFFDIO_POISON`): the faulting thread gets `SIGBUS`.
+    Poison,
+    /// Only wake the waiting threads (someone else resolved the page).
+    Wake,
+}
+
+/// Decides how faults are resolved; the [`Server`](crate::Server) calls it
+/// from spawned tasks and handles every kernel edge case around it.
+///
+/// Only [`fault`](Self::fault) is required; the `on_*` methods see the
+/// non-fault events after the server has updated its own state.
+pub trait FaultHandler: Send + Sync + 'static {
+    /// Resolves `req`. For [`Resolution::Copy`], first fill `buf`
+    /// (`req.len` bytes).
+    ///
+    /// # Errors
+    ///
+    /// Any error: the server applies its
+    /// [`FailurePolicy`](crate::FailurePolicy) to the fault. A panic is
+    /// caught and treated the same way.
+    fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = Result<Resolution, HandlerError>> + Send + 'a;
+
+    /// Pages in `start..end` were freed (`MADV_DONTNEED`/`MADV_REMOVE`). The
+    /// server serves zeros there from now on.
+    fn on_remove(&self, start: usize, end: usize) {
+        let _ = (start, end);
+    }
+
+    /// `start..end` was unmapped; the server forgets it.
+    fn on_unmap(&self, start: usize, end: usize) {
+        let _ = (start, end);
+    }
+
+    /// A registered range moved; the server's regions move with it.
+    fn on_remap(&self, remap: &Remap) {
+        let _ = remap;
+    }
+
+    /// The process forked; see [`ForkPolicy`](crate::ForkPolicy).
+    fn on_fork(&self) {}
+}
+
+/// The handler made from page sources: missing pages are copied from the
+/// region's source, minor faults continued, write-protect faults
+/// unprotected.
+///
+/// ```no_run
+/// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize) -> std::io::Result<()> {
+/// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
+///
+/// let regions = [Region::new(base, 128 << 20, 4096, 0)];
+/// let server = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?)).regions(regions);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SourceHandler<S> {
+    sources: Vec<S>,
+}
+
+impl<S: PageSource> SourceHandler<S> {
+    /// A handler serving every region from `source`.
+    pub fn new(source: S) -> Self {
+        Self {
+            sources: vec![source],
+        }
+    }
+
+    /// A handler serving region `r` from `sources[r.source]`.
+    pub fn with_sources(sources: Vec<S>) -> Self {
+        Self { sources }
+    }
+}
+
+impl<S: PageSource> FaultHandler for SourceHandler<S> {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        Ok(match req.kind {
+            FaultKind::Minor => Resolution::Continue,
+            FaultKind::WriteProtect => Resolution::Unprotect,
+            FaultKind::Missing => {
+                let source = self.sources.get(req.source).ok_or_else(|| {
+                    format!(
+                        "no page source number {} (the handler has {})",
+                        req.source,
+                        self.sources.len()
+                    )
+                })?;
+                source.read_at(req.offset, buf).await?;
+                Resolution::Copy
+            }
+        })
+    }
+}

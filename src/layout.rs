@@ -1,0 +1,283 @@
+//! Where the served memory is: [`Region`]s, and the server's per-page state
+//! for them (served, in flight, removed), kept current through remap, unmap
+//! and remove events.
+
+/// A range of registered memory and where its contents come from.
+///
+/// Like Firecracker's `GuestRegionUffdMapping`: the bytes at
+/// `start + i` are the bytes at `offset + i` of page source number `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// First byte of the range (aligned to `page_size`).
+    pub start: usize,
+    /// Length in bytes (a multiple of `page_size`).
+    pub len: usize,
+    /// The page size of the mapping: the base page size, or the huge page
+    /// size for hugetlbfs.
+    pub page_size: usize,
+    /// Which page source serves the region (an index the handler defines;
+    /// 0 for a single source).
+    pub source: usize,
+    /// Offset of `start` in the page source.
+    pub offset: u64,
+}
+
+impl Region {
+    /// A region at `start` of `len` bytes with base pages, served from
+    /// offset `offset` of source 0.
+    pub fn new(start: usize, len: usize, page_size: usize, offset: u64) -> Self {
+        Self {
+            start,
+            len,
+            page_size,
+            source: 0,
+            offset,
+        }
+    }
+
+    /// The same region, served from page source number `source`.
+    pub fn with_source(mut self, source: usize) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// One past the last byte.
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+
+    pub(crate) fn contains(&self, addr: usize) -> bool {
+        addr >= self.start && addr < self.end()
+    }
+}
+
+/// A fixed-size set of page indices.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BitSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl BitSet {
+    pub(crate) fn new(len: usize) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    pub(crate) fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    pub(crate) fn set(&mut self, i: usize, v: bool) {
+        if i >= self.len {
+            return;
+        }
+        if v {
+            self.words[i / 64] |= 1 << (i % 64);
+        } else {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    pub(crate) fn set_range(&mut self, from: usize, to: usize, v: bool) {
+        for i in from..to.min(self.len) {
+            self.set(i, v);
+        }
+    }
+
+    /// Splits off the bits from `at` on into a new set.
+    pub(crate) fn split_off(&mut self, at: usize) -> BitSet {
+        let at = at.min(self.len);
+        let mut tail = BitSet::new(self.len - at);
+        for i in at..self.len {
+            tail.set(i - at, self.get(i));
+        }
+        self.len = at;
+        self.words.truncate(at.div_ceil(64));
+        if at % 64 != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << (at % 64)) - 1;
+            }
+        }
+        tail
+    }
+}
+
+/// A region and the state of each of its pages.
+#[derive(Debug, Clone)]
+pub(crate) struct RegionState {
+    pub(crate) region: Region,
+    /// Pages resolved (and not freed since).
+    pub(crate) served: BitSet,
+    /// Pages a task is resolving now.
+    pub(crate) inflight: BitSet,
+    /// Pages freed by `MADV_DONTNEED`/`MADV_REMOVE`: served as zeros from
+    /// now on, never from the source again.
+    pub(crate) removed: BitSet,
+}
+
+impl RegionState {
+    fn new(region: Region) -> Self {
+        let pages = region.len / region.page_size;
+        Self {
+            region,
+            served: BitSet::new(pages),
+            inflight: BitSet::new(pages),
+            removed: BitSet::new(pages),
+        }
+    }
+
+    pub(crate) fn page_index(&self, addr: usize) -> usize {
+        (addr - self.region.start) / self.region.page_size
+    }
+
+    /// Splits at `addr` (page-aligned, strictly inside): `self` keeps the
+    /// front, the back is returned.
+    fn split_at(&mut self, addr: usize) -> RegionState {
+        let idx = self.page_index(addr);
+        let front = addr - self.region.start;
+        let back = Region {
+            start: addr,
+            len: self.region.len - front,
+            offset: self.region.offset + front as u64,
+            ..self.region
+        };
+        self.region.len = front;
+        RegionState {
+            region: back,
+            served: self.served.split_off(idx),
+            inflight: self.inflight.split_off(idx),
+            removed: self.removed.split_off(idx),
+        }
+    }
+}
+
+/// The served regions, sorted by start and disjoint.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Layout {
+    pub(crate) regions: Vec<RegionState>,
+}
+
+impl Layout {
+    pub(crate) fn new(mut regions: Vec<Region>) -> Self {
+        regions.sort_by_key(|r| r.start);
+        Self {
+            regions: regions.into_iter().map(RegionState::new).collect(),
+        }
+    }
+
+    /// Index of the region holding `addr`.
+    pub(crate) fn find(&self, addr: usize) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.region.start <= addr);
+        let i = i.checked_sub(1)?;
+        self.regions[i].region.contains(addr).then_some(i)
+    }
+
+    /// Makes `addr` a region boundary if it falls strictly inside one.
+    fn split(&mut self, addr: usize) {
+        if let Some(i) = self.find(addr) {
+            let r = &self.regions[i];
+            let aligned = addr - (addr - r.region.start) % r.region.page_size;
+            if aligned > r.region.start {
+                let back = self.regions[i].split_at(aligned);
+                self.regions.insert(i + 1, back);
+            }
+        }
+    }
+
+    /// Indices of the regions inside `start..end` after splitting there.
+    fn carve(&mut self, start: usize, end: usize) -> std::ops::Range<usize> {
+        self.split(start);
+        self.split(end);
+        let from = self.regions.partition_point(|r| r.region.end() <= start);
+        let to = self.regions.partition_point(|r| r.region.start < end);
+        from..to.max(from)
+    }
+
+    /// `MADV_DONTNEED`/`MADV_REMOVE` freed `start..end`.
+    pub(crate) fn remove(&mut self, start: usize, end: usize) {
+        for r in &mut self.regions {
+            let (s, e) = (start.max(r.region.start), end.min(r.region.end()));
+            if s >= e {
+                continue;
+            }
+            let ps = r.region.page_size;
+            // Partly covered pages are not freed by the kernel either.
+            let first = (s - r.region.start).div_ceil(ps);
+            let last = (e - r.region.start) / ps;
+            r.served.set_range(first, last, false);
+            r.removed.set_range(first, last, true);
+        }
+    }
+
+    /// `start..end` was unmapped: forget it.
+    pub(crate) fn unmap(&mut self, start: usize, end: usize) {
+        let range = self.carve(start, end);
+        self.regions.drain(range);
+    }
+
+    /// `from..from+len` moved to `to`.
+    pub(crate) fn remap(&mut self, from: usize, to: usize, len: usize) {
+        let range = self.carve(from, from + len);
+        let moved: Vec<RegionState> = self.regions.drain(range).collect();
+        // Whatever was at the destination is gone (MREMAP_FIXED unmaps it).
+        self.unmap(to, to + len);
+        for mut r in moved {
+            r.region.start = r.region.start - from + to;
+            let i = self
+                .regions
+                .partition_point(|x| x.region.start < r.region.start);
+            self.regions.insert(i, r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: usize = 4096;
+
+    #[test]
+    fn bitset_split_keeps_bits() {
+        let mut b = BitSet::new(130);
+        for i in [0, 63, 64, 100, 129] {
+            b.set(i, true);
+        }
+        let t = b.split_off(64);
+        assert!(b.get(0) && b.get(63) && !b.get(64));
+        assert!(t.get(0) && t.get(36) && t.get(65) && !t.get(1));
+        assert_eq!(t.len, 66);
+    }
+
+    #[test]
+    fn remap_moves_part_of_a_region_with_its_offset_and_state() {
+        let mut l = Layout::new(vec![Region::new(0x10000, 4 * P, P, 0x1000)]);
+        let i = l.find(0x10000 + 2 * P).unwrap();
+        let idx = l.regions[i].page_index(0x10000 + 2 * P);
+        l.regions[i].served.set(idx, true);
+        l.remap(0x10000 + 2 * P, 0x90000, 2 * P);
+        assert_eq!(l.regions.len(), 2);
+        let moved = &l.regions[l.find(0x90000).unwrap()];
+        assert_eq!(moved.region.offset, 0x1000 + 2 * P as u64);
+        assert!(moved.served.get(0));
+        assert!(!moved.served.get(1));
+        assert!(l.find(0x10000 + 2 * P).is_none());
+        assert_eq!(l.regions[l.find(0x10000).unwrap()].region.len, 2 * P);
+    }
+
+    #[test]
+    fn unmap_and_remove_update_the_pages() {
+        let mut l = Layout::new(vec![Region::new(0x10000, 4 * P, P, 0)]);
+        l.regions[0].served.set_range(0, 4, true);
+        l.remove(0x10000 + P, 0x10000 + 3 * P);
+        assert!(l.regions[0].served.get(0) && !l.regions[0].served.get(1));
+        assert!(l.regions[0].removed.get(2) && !l.regions[0].removed.get(3));
+        l.unmap(0x10000, 0x10000 + P);
+        assert!(l.find(0x10000).is_none());
+        let r = &l.regions[l.find(0x10000 + P).unwrap()];
+        assert!(r.removed.get(0));
+    }
+}

@@ -1,0 +1,166 @@
+//! Page sources: where the contents of served pages come from.
+
+use std::fmt;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Fills buffers with the bytes of a memory image at given offsets.
+///
+/// Implement it for anything async: a file, a TCP page server, an object
+/// store. The server calls it from spawned tasks, so many reads can be in
+/// flight at once (up to its concurrency limit); a slow source then costs
+/// latency, not throughput.
+///
+/// ```
+/// use tokio_uffd::PageSource;
+///
+/// /// Every byte of page `n` is `n as u8`.
+/// struct Numbered;
+///
+/// impl PageSource for Numbered {
+///     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+///         for (i, b) in buf.iter_mut().enumerate() {
+///             *b = ((offset + i as u64) / 4096) as u8;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait PageSource: Send + Sync + 'static {
+    /// Fills all of `buf` with the bytes at `offset..offset + buf.len()`.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error; the server then applies its failure policy to the
+    /// fault (by default the faulting thread gets `SIGBUS`).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A source of zeros (fresh memory).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    async fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// A source backed by bytes in memory. Reads past the end are an error.
+#[derive(Clone)]
+pub struct MemorySource {
+    bytes: Arc<[u8]>,
+}
+
+impl fmt::Debug for MemorySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySource")
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl MemorySource {
+    /// A source serving `bytes`.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Self {
+        Self {
+            bytes: bytes.into(),
+        }
+    }
+}
+
+fn out_of_range(offset: u64, len: usize, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("read of {len} bytes at offset {offset:#x} runs past the end of the source ({size:#x} bytes)"),
+    )
+}
+
+impl PageSource for MemorySource {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let size = self.bytes.len() as u64;
+        let start = usize::try_from(offset).ok().filter(|_| offset <= size);
+        let src = start
+            .and_then(|s| self.bytes.get(s..s.checked_add(buf.len())?))
+            .ok_or_else(|| out_of_range(offset, buf.len(), size))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// A source backed by a file, such as a VM memory snapshot image.
+///
+/// Reads run on Tokio's blocking pool (`pread(2)`), never on the reactor
+/// thread. Each read goes through a temporary buffer that is copied into the
+/// caller's: a disk read costs far more than that copy.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    file: Arc<File>,
+    len: u64,
+}
+
+impl FileSource {
+    /// Opens the file at `path` for reading.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error of opening or `stat`ing it.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::new(File::open(path)?)
+    }
+
+    /// A source reading from `file`.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error of `stat`ing it.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file: Arc::new(file),
+            len,
+        })
+    }
+
+    /// The file's length when it was opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file was empty when it was opened.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl PageSource for FileSource {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len();
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(out_of_range(offset, len, self.len));
+        }
+        let file = self.file.clone();
+        let tmp = tokio::task::spawn_blocking(move || {
+            let mut tmp = vec![0u8; len];
+            file.read_exact_at(&mut tmp, offset).map(|()| tmp)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        buf.copy_from_slice(&tmp);
+        Ok(())
+    }
+}
+
+impl<S: PageSource> PageSource for Arc<S> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> + Send {
+        S::read_at(self, offset, buf)
+    }
+}

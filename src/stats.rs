@@ -1,0 +1,285 @@
+//! Live server statistics.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const SUB: usize = 8; // sub-buckets per power of two: ~12% resolution
+const BUCKETS: usize = 64 * SUB;
+
+/// A lock-free latency histogram in nanoseconds, log-linear.
+struct Histogram {
+    counts: Box<[AtomicU64]>,
+    max: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max: AtomicU64::new(0),
+        }
+    }
+
+    fn index(ns: u64) -> usize {
+        if ns < SUB as u64 {
+            return ns as usize;
+        }
+        let bit = 63 - ns.leading_zeros() as usize; // >= 3
+        let sub = ((ns >> (bit - 3)) as usize) & (SUB - 1);
+        ((bit - 2) * SUB + sub).min(BUCKETS - 1)
+    }
+
+    /// The largest value that lands in bucket `i`.
+    fn upper(i: usize) -> u64 {
+        if i < SUB {
+            return i as u64;
+        }
+        let bit = i / SUB + 2;
+        let sub = (i % SUB) as u64;
+        ((SUB as u64 + sub + 1) << (bit - 3)) - 1
+    }
+
+    fn record(&self, ns: u64) {
+        self.counts[Self::index(ns)].fetch_add(1, Relaxed);
+        self.max.fetch_max(ns, Relaxed);
+    }
+
+    fn summary(&self) -> Latency {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        let max = self.max.load(Relaxed);
+        let pct = |p: f64| {
+            if total == 0 {
+                return Duration::ZERO;
+            }
+            let rank = ((total as f64 * p).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Duration::from_nanos(Self::upper(i).min(max));
+                }
+            }
+            Duration::from_nanos(max)
+        };
+        Latency {
+            count: total,
+            p50: pct(0.50),
+            p99: pct(0.99),
+            max: Duration::from_nanos(max),
+        }
+    }
+}
+
+/// Latency from reading a fault to its resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Latency {
+    /// Faults measured.
+    pub count: u64,
+    /// Median (within the histogram's ~12% resolution).
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Maximum.
+    pub max: Duration,
+}
+
+/// Counters a running [`Server`](crate::Server) keeps; read them any time
+/// through [`ServerHandle::stats`](crate::ServerHandle::stats).
+pub struct Stats {
+    pub(crate) missing: AtomicU64,
+    pub(crate) write_protect: AtomicU64,
+    pub(crate) minor: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) pages_served: AtomicU64,
+    pub(crate) bytes_served: AtomicU64,
+    pub(crate) pages_prefetched: AtomicU64,
+    pub(crate) pages_zeroed_after_remove: AtomicU64,
+    pub(crate) eexist: AtomicU64,
+    pub(crate) eagain: AtomicU64,
+    pub(crate) handler_failures: AtomicU64,
+    pub(crate) poisoned: AtomicU64,
+    pub(crate) self_faults: AtomicU64,
+    pub(crate) forks: AtomicU64,
+    pub(crate) removes: AtomicU64,
+    pub(crate) remaps: AtomicU64,
+    pub(crate) unmaps: AtomicU64,
+    latency: Histogram,
+    last_error: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.snapshot().fmt(f)
+    }
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        let z = || AtomicU64::new(0);
+        Self {
+            missing: z(),
+            write_protect: z(),
+            minor: z(),
+            duplicates: z(),
+            pages_served: z(),
+            bytes_served: z(),
+            pages_prefetched: z(),
+            pages_zeroed_after_remove: z(),
+            eexist: z(),
+            eagain: z(),
+            handler_failures: z(),
+            poisoned: z(),
+            self_faults: z(),
+            forks: z(),
+            removes: z(),
+            remaps: z(),
+            unmaps: z(),
+            latency: Histogram::new(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn record_latency(&self, d: Duration) {
+        self.latency
+            .record(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    pub(crate) fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// The most recent problem the server reported (a handler failure, a
+    /// self-fault, an unexpected error), if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A consistent-enough copy of every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Relaxed);
+        StatsSnapshot {
+            faults_missing: l(&self.missing),
+            faults_write_protect: l(&self.write_protect),
+            faults_minor: l(&self.minor),
+            duplicates: l(&self.duplicates),
+            pages_served: l(&self.pages_served),
+            bytes_served: l(&self.bytes_served),
+            pages_prefetched: l(&self.pages_prefetched),
+            pages_zeroed_after_remove: l(&self.pages_zeroed_after_remove),
+            eexist: l(&self.eexist),
+            eagain: l(&self.eagain),
+            handler_failures: l(&self.handler_failures),
+            poisoned: l(&self.poisoned),
+            self_faults: l(&self.self_faults),
+            forks: l(&self.forks),
+            removes: l(&self.removes),
+            remaps: l(&self.remaps),
+            unmaps: l(&self.unmaps),
+            latency: self.latency.summary(),
+        }
+    }
+}
+
+/// A copy of a server's [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Missing-page faults read.
+    pub faults_missing: u64,
+    /// Write-protect faults read.
+    pub faults_write_protect: u64,
+    /// Minor faults read.
+    pub faults_minor: u64,
+    /// Faults on a page that was being resolved or already resolved: only
+    /// woken, the handler not run again.
+    pub duplicates: u64,
+    /// Pages resolved, prefetched ones included.
+    pub pages_served: u64,
+    /// Bytes resolved.
+    pub bytes_served: u64,
+    /// Pages resolved ahead of a fault (fault-around).
+    pub pages_prefetched: u64,
+    /// Pages served as zeros because they were freed (`Remove`).
+    pub pages_zeroed_after_remove: u64,
+    /// Resolutions that found the page already there (`EEXIST`).
+    pub eexist: u64,
+    /// Resolutions retried because the address space was changing
+    /// (`EAGAIN`).
+    pub eagain: u64,
+    /// Handler errors and panics.
+    pub handler_failures: u64,
+    /// Pages poisoned by the failure policy.
+    pub poisoned: u64,
+    /// Faults raised by a thread of the server's own runtime.
+    pub self_faults: u64,
+    /// Fork events.
+    pub forks: u64,
+    /// Remove events.
+    pub removes: u64,
+    /// Remap events.
+    pub remaps: u64,
+    /// Unmap events.
+    pub unmaps: u64,
+    /// Latency from reading a fault to its resolution.
+    pub latency: Latency,
+}
+
+impl StatsSnapshot {
+    /// Faults of every kind.
+    pub fn faults(&self) -> u64 {
+        self.faults_missing + self.faults_write_protect + self.faults_minor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_monotonic_and_cover_their_values() {
+        for v in [
+            0u64,
+            1,
+            7,
+            8,
+            9,
+            15,
+            16,
+            100,
+            1000,
+            123_456,
+            10_000_000,
+            u64::MAX / 2,
+        ] {
+            let i = Histogram::index(v);
+            assert!(Histogram::upper(i) >= v, "{v} above its bucket {i}");
+            if i > 0 {
+                assert!(Histogram::upper(i - 1) < v, "{v} fits an earlier bucket");
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_follow_the_data() {
+        let h = Histogram::new();
+        for _ in 0..99 {
+            h.record(1_000);
+        }
+        h.record(1_000_000);
+        let s = h.summary();
+        assert_eq!(s.count, 100);
+        assert!(s.p50 >= Duration::from_nanos(1_000) && s.p50 < Duration::from_nanos(1_200));
+        assert!(s.p99 < Duration::from_nanos(1_200));
+        assert_eq!(s.max, Duration::from_millis(1));
+    }
+}

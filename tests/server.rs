@@ -1,0 +1,731 @@
+//! The fault server against the real kernel: duplicates, Remove, Remap,
+//! Fork, failure policies, EAGAIN parking, prefetch, a file-backed restore,
+//! graceful stop, the self-fault guard and the owning process exiting.
+//! Faults come from `std::thread`s or child processes; waits are bounded.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use common::*;
+use tokio_uffd::{
+    AsyncUffd, FaultHandler, FaultRequest, Features, FileSource, HandlerError, MemorySource,
+    Region, RegisterMode, Resolution, Server, ServerExit, SourceHandler, Uffd, UffdBuilder,
+};
+
+/// The byte at `offset` of the test image.
+fn image_byte(offset: usize) -> u8 {
+    (offset as u8) ^ ((offset >> 12) as u8).wrapping_mul(13) ^ 0x5a
+}
+
+fn image(len: usize) -> Vec<u8> {
+    (0..len).map(image_byte).collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A uffd with `features`, a registered anonymous mapping of `pages`.
+fn setup(pages: usize, features: Features) -> Option<(Uffd, Mapping)> {
+    let uffd = try_uffd(UffdBuilder::new().require(features))?;
+    let len = pages * uffd.page_size();
+    let mem = Mapping::anon(len);
+    // SAFETY: a fresh mapping, touched only by the tests' threads, whose
+    // faults the server resolves.
+    unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
+    Some((uffd, mem))
+}
+
+/// Counts handler calls around a memory source.
+struct Counting {
+    inner: SourceHandler<MemorySource>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl FaultHandler for Counting {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.fault(req, buf).await
+    }
+}
+
+#[test]
+fn duplicate_faults_from_eight_threads_run_the_handler_once() {
+    let Some((uffd, mem)) = setup(1, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = Counting {
+        inner: SourceHandler::new(MemorySource::new(image(page))),
+        calls: calls.clone(),
+    };
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(mem.addr, page, page, 0)])
+            .spawn();
+        let addr = mem.addr;
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let b = barrier.clone();
+                thread::spawn(move || {
+                    b.wait();
+                    read_at(addr + i * 100)
+                })
+            })
+            .collect();
+        let got = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for (i, v) in got.into_iter().enumerate() {
+            assert_eq!(v, image_byte(i * 100));
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "handler ran more than once"
+        );
+        let stats = handle.stats();
+        assert_eq!(stats.pages_served, 1);
+        assert_eq!(stats.faults(), stats.duplicates + 1);
+        assert_eq!(handle.shutdown().await.unwrap(), ServerExit::Stopped);
+    });
+}
+
+#[test]
+fn madv_dontneed_on_served_pages_makes_them_read_zero() {
+    let Some((uffd, mem)) = setup(4, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 4 * page;
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(len))),
+        )
+        .regions([Region::new(mem.addr, len, page, 0)])
+        .spawn();
+        let addr = mem.addr;
+        let check = tokio::task::spawn_blocking(move || {
+            let before: Vec<u8> = (0..4).map(|p| read_at(addr + p * page + 7)).collect();
+            // SAFETY: freeing pages of our own mapping.
+            let r = unsafe {
+                libc::madvise(
+                    (addr + page) as *mut libc::c_void,
+                    2 * page,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            let after: Vec<u8> = (0..4).map(|p| read_at(addr + p * page + 7)).collect();
+            (before, after)
+        });
+        let (before, after) = tokio::time::timeout(BOUND, check).await.unwrap().unwrap();
+        let expected: Vec<u8> = (0..4).map(|p| image_byte(p * page + 7)).collect();
+        assert_eq!(before, expected);
+        assert_eq!(
+            after,
+            vec![expected[0], 0, 0, expected[3]],
+            "freed pages must read zero"
+        );
+        let stats = handle.stats();
+        assert_eq!(stats.removes, 1);
+        assert_eq!(stats.pages_zeroed_after_remove, 2);
+        handle.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn an_mremap_of_a_served_region_is_followed() {
+    let Some((uffd, mem)) = setup(4, Features::EVENT_REMAP) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 4 * page;
+    let target = Mapping::anon(len);
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(len + 0x10000))),
+        )
+        .regions([Region::new(mem.addr, len, page, 0x10000)])
+        .spawn();
+        let (from, to) = (mem.addr, target.addr);
+        let got = tokio::task::spawn_blocking(move || {
+            let first = read_at(from + 3); // page 0 served at the old address
+                                           // SAFETY: moving our own mapping onto another of ours.
+            let moved = unsafe {
+                libc::mremap(
+                    from as *mut libc::c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to as *mut libc::c_void,
+                )
+            };
+            assert_eq!(moved as usize, to);
+            // Page 0 moved with its data; page 2 is served at the new address.
+            (first, read_at(to + 3), read_at(to + 2 * page + 9))
+        });
+        let (first, moved, fresh) = tokio::time::timeout(BOUND, got).await.unwrap().unwrap();
+        assert_eq!(first, image_byte(0x10000 + 3));
+        assert_eq!(moved, first);
+        assert_eq!(fresh, image_byte(0x10000 + 2 * page + 9));
+        assert_eq!(handle.stats().remaps, 1);
+        handle.shutdown().await.unwrap();
+    });
+    std::mem::forget(mem); // its pages now live in `target`
+}
+
+#[test]
+fn a_forked_child_is_served_by_the_same_handler() {
+    let Some((uffd, mem)) = setup(2, Features::EVENT_FORK) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(2 * page))),
+        )
+        .regions([Region::new(mem.addr, 2 * page, page, 0)])
+        .spawn();
+        let addr = mem.addr + page + 77;
+        let status = tokio::task::spawn_blocking(move || wait_child(fork_reader(addr)))
+            .await
+            .unwrap();
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status) as u8, image_byte(page + 77));
+        let stats = handle.stats();
+        assert_eq!(stats.forks, 1);
+        assert!(stats.pages_served >= 1);
+        handle.shutdown().await.unwrap();
+    });
+}
+
+/// A handler that fails on one page (by error or by panic) and serves the
+/// others from the image.
+struct FailOn {
+    bad_page: usize,
+    panic: bool,
+    inner: SourceHandler<MemorySource>,
+}
+
+impl FaultHandler for FailOn {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        if req.addr == self.bad_page {
+            if self.panic {
+                panic!("deliberate handler panic");
+            }
+            return Err("deliberate handler failure".into());
+        }
+        self.inner.fault(req, buf).await
+    }
+}
+
+/// Child entry point: serve two pages, the second with a failing (or
+/// panicking) handler; the thread touching it must get SIGBUS, killing
+/// this process. Exits 0 (a failure) if it survives.
+#[test]
+#[ignore = "child entry point, run by handler_failure_gives_sigbus_not_a_hang"]
+fn child_failing_handler_entry() {
+    let Ok(mode) = std::env::var("TOKIO_UFFD_CHILD") else {
+        return;
+    };
+    let uffd = UffdBuilder::new().create().unwrap();
+    let page = uffd.page_size();
+    let mem = Mapping::anon(2 * page);
+    // SAFETY: fresh mapping served by the server below.
+    unsafe { uffd.register(mem.addr, 2 * page, RegisterMode::MISSING) }.unwrap();
+    let rt = rt();
+    let _guard = rt.enter();
+    let handler = FailOn {
+        bad_page: mem.addr + page,
+        panic: mode == "panic",
+        inner: SourceHandler::new(MemorySource::new(image(2 * page))),
+    };
+    let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+        .regions([Region::new(mem.addr, 2 * page, page, 0)])
+        .spawn();
+    // The good page is served; the server goes on after the failure.
+    assert_eq!(read_at(mem.addr + 1), image_byte(1));
+    let v = read_at(mem.addr + page); // SIGBUS here
+    eprintln!("survived a failing handler: read {v}");
+    drop(handle);
+    std::process::exit(0);
+}
+
+#[test]
+fn handler_failure_gives_sigbus_not_a_hang() {
+    let Some(uffd) = uffd_with(Features::empty()) else {
+        return;
+    };
+    if !uffd.available_features().contains(Features::POISON) {
+        return skip("kernel lacks UFFD_FEATURE_POISON (6.6+)");
+    }
+    for mode in ["error", "panic"] {
+        let status = run_child_test("child_failing_handler_entry", &[("TOKIO_UFFD_CHILD", mode)]);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGBUS),
+            "{mode}: child status {status:?}"
+        );
+    }
+}
+
+/// Blocks its task's thread (deliberately, to hold a current-thread runtime
+/// still) until told to go, then serves from the image.
+struct Gate {
+    entered: std::sync::mpsc::SyncSender<()>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    inner: SourceHandler<MemorySource>,
+    once: AtomicUsize,
+}
+
+impl FaultHandler for Gate {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        if self.once.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.entered.send(()).unwrap();
+            self.go.lock().unwrap().recv_timeout(BOUND).unwrap();
+        }
+        self.inner.fault(req, buf).await
+    }
+}
+
+#[test]
+fn eagain_is_parked_and_resolved_once_the_pending_event_is_read() {
+    let Some((uffd, mem)) = setup(2, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let raw = uffd.as_raw_fd();
+    let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let handler = Gate {
+        entered: entered_tx,
+        go: std::sync::Mutex::new(go_rx),
+        inner: SourceHandler::new(MemorySource::new(image(2 * page))),
+        once: AtomicUsize::new(0),
+    };
+    // Serve page 0 first so that MADV_DONTNEED has something to free.
+    // SAFETY: `mem` is ours and registered; fill it before serving.
+    uffd.copy(mem.addr, &image(page), tokio_uffd::CopyFlags::empty())
+        .unwrap();
+    let addr = mem.addr;
+    let driver = thread::spawn(move || {
+        // 1. A fault whose handler holds the (current-thread) runtime.
+        let toucher = thread::spawn(move || read_at(addr + page + 5));
+        entered_rx.recv_timeout(BOUND).unwrap();
+        // 2. While the runtime is held, a Remove is queued: the mm is
+        //    changing until it is read, so the handler's copy gets EAGAIN.
+        let dontneed = thread::spawn(move || {
+            // SAFETY: freeing a page of our own mapping.
+            unsafe { libc::madvise(addr as *mut libc::c_void, page, libc::MADV_DONTNEED) }
+        });
+        wait_readable(raw);
+        go_tx.send(()).unwrap();
+        (toucher.join().unwrap(), dontneed.join().unwrap())
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(mem.addr, 2 * page, page, 0)])
+            .spawn();
+        let (value, madvise) = tokio::task::spawn_blocking(move || driver.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(value, image_byte(page + 5));
+        assert_eq!(madvise, 0);
+        let stats = handle.stats();
+        assert!(stats.eagain >= 1, "the copy never hit EAGAIN: {stats:?}");
+        assert_eq!(stats.handler_failures, 0);
+        assert_eq!(stats.removes, 1);
+        handle.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn prefetch_serves_a_window_with_one_fault() {
+    let Some((uffd, mem)) = setup(64, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 64 * page;
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(len))),
+        )
+        .regions([Region::new(mem.addr, len, page, 0)])
+        .prefetch(16)
+        .spawn();
+        let addr = mem.addr;
+        // Touch page 20: the window is pages 16..32.
+        let v = tokio::task::spawn_blocking(move || {
+            let first = read_at(addr + 20 * page);
+            // Every page of the window is now there: no more faults.
+            let rest: Vec<u8> = (16..32).map(|p| read_at(addr + p * page + p)).collect();
+            (first, rest)
+        })
+        .await
+        .unwrap();
+        assert_eq!(v.0, image_byte(20 * page));
+        for (i, b) in v.1.into_iter().enumerate() {
+            let p = 16 + i;
+            assert_eq!(b, image_byte(p * page + p));
+        }
+        let stats = handle.stats();
+        assert_eq!(stats.faults(), 1, "{stats:?}");
+        assert_eq!(stats.pages_served, 16);
+        assert_eq!(stats.pages_prefetched, 15);
+        // A second fault in the next window skips nothing served before.
+        let v = tokio::task::spawn_blocking(move || read_at(addr + 40 * page + 1))
+            .await
+            .unwrap();
+        assert_eq!(v, image_byte(40 * page + 1));
+        assert_eq!(handle.stats().pages_served, 32);
+        handle.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn a_file_backed_region_table_restores_64_mib_under_random_access() {
+    let Some(uffd) = try_uffd(UffdBuilder::new().want(Features::EVENT_REMOVE)) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 64 << 20;
+    let half = len / 2;
+    // The image file: the two regions live at different offsets, swapped.
+    let path = std::env::temp_dir().join(format!("tokio-uffd-image-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let data = image(len);
+        f.write_all(&data[half..]).unwrap();
+        f.write_all(&data[..half]).unwrap();
+    }
+    let source = FileSource::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mem = Mapping::anon(len);
+    // SAFETY: fresh mapping served by the server below.
+    unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
+    let regions = [
+        Region::new(mem.addr, half, page, half as u64),
+        Region::new(mem.addr + half, half, page, 0),
+    ];
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), SourceHandler::new(source))
+            .regions(regions)
+            .prefetch(4)
+            .spawn();
+        let base = mem.addr;
+        let pages = len / page;
+        let touchers: Vec<_> = (0..4u64)
+            .map(|t| {
+                thread::spawn(move || {
+                    // xorshift: every thread visits every page in its own
+                    // random order.
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+                    let mut order: Vec<usize> = (0..pages).collect();
+                    for i in (1..pages).rev() {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        order.swap(i, (x % (i as u64 + 1)) as usize);
+                    }
+                    for p in order {
+                        let off = p * page + (p * 7) % page;
+                        assert_eq!(read_at(base + off), image_byte(off), "byte at {off:#x}");
+                    }
+                })
+            })
+            .collect();
+        tokio::time::timeout(
+            BOUND * 3,
+            tokio::task::spawn_blocking(move || {
+                touchers.into_iter().for_each(|t| t.join().unwrap())
+            }),
+        )
+        .await
+        .expect("restore took too long")
+        .unwrap();
+        let stats = handle.stats();
+        assert_eq!(stats.pages_served as usize, pages, "{stats:?}");
+        assert_eq!(stats.handler_failures, 0);
+        assert!(stats.latency.count > 0 && stats.latency.max >= stats.latency.p50);
+        handle.shutdown().await.unwrap();
+    });
+    let expected = image(len);
+    assert!(mem.slice() == &expected[..], "restored image differs");
+}
+
+/// Holds every fault until released, to stop the server with faults in
+/// flight.
+struct Held {
+    release: Arc<tokio::sync::Notify>,
+    entered: Arc<tokio::sync::Notify>,
+    inner: SourceHandler<MemorySource>,
+}
+
+impl FaultHandler for Held {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        self.inner.fault(req, buf).await
+    }
+}
+
+#[test]
+fn graceful_stop_finishes_the_faults_in_flight() {
+    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = Held {
+        release: release.clone(),
+        entered: entered.clone(),
+        inner: SourceHandler::new(MemorySource::new(image(page))),
+    };
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(mem.addr, page, page, 0)])
+            .spawn();
+        let addr = mem.addr;
+        let toucher = thread::spawn(move || read_at(addr + 9));
+        tokio::time::timeout(BOUND, entered.notified())
+            .await
+            .unwrap();
+        // Stop while the fault is in flight, then let the handler finish.
+        handle.stop();
+        release.notify_one();
+        let exit = tokio::time::timeout(BOUND, handle.join()).await.unwrap();
+        assert_eq!(exit.unwrap(), ServerExit::Stopped);
+        let v = tokio::task::spawn_blocking(move || toucher.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(v, image_byte(9));
+    });
+}
+
+#[test]
+fn a_fault_from_the_servers_own_runtime_is_reported() {
+    let Some((uffd, mem)) = setup(1, Features::THREAD_ID) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t2 = tids.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || t2.lock().unwrap().push(tokio_uffd::thread_id()))
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let workers = tids.lock().unwrap().clone();
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(page))),
+        )
+        .regions([Region::new(mem.addr, page, page, 0)])
+        .guard_threads(workers)
+        .spawn();
+        let addr = mem.addr;
+        // The mistake the guard exists for: touching registered memory from
+        // a worker of the serving runtime. With two workers the server can
+        // still run, notice, and resolve it.
+        let v = tokio::time::timeout(BOUND, tokio::spawn(async move { read_at(addr) }))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v, image_byte(0));
+        let stats = handle.stats();
+        assert_eq!(stats.self_faults, 1, "{stats:?}");
+        let err = handle.stats_ref().last_error().unwrap();
+        assert!(err.contains("own runtime"), "{err}");
+        handle.shutdown().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The owning process exits: a uffd received from a child process
+// ---------------------------------------------------------------------------
+
+/// Child entry point: creates a uffd for a page of its own memory, sends it
+/// and the page's address over the Unix socket named in the environment,
+/// then touches the page (and is killed while it waits).
+#[test]
+#[ignore = "child entry point, run by the_owning_process_exiting_ends_the_server_cleanly"]
+fn child_uffd_sender_entry() {
+    let Ok(path) = std::env::var("TOKIO_UFFD_SOCKET") else {
+        return;
+    };
+    let uffd = UffdBuilder::new().create().unwrap();
+    let page = uffd.page_size();
+    let mem = Mapping::anon(page);
+    // SAFETY: fresh mapping served by the parent.
+    unsafe { uffd.register(mem.addr, page, RegisterMode::MISSING) }.unwrap();
+    let sock = UnixStream::connect(path).unwrap();
+    send_fd(&sock, uffd.as_raw_fd(), &mem.addr.to_ne_bytes());
+    let v = read_at(mem.addr);
+    std::process::exit(v as i32);
+}
+
+#[test]
+fn the_owning_process_exiting_ends_the_server_cleanly() {
+    if uffd_with(Features::empty()).is_none() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("tokio-uffd-sock-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_uffd_sender_entry",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("TOKIO_UFFD_SOCKET", &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (sock, _) = listener.accept().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let (fd, data) = recv_fd(&sock);
+    let addr = usize::from_ne_bytes(data[..8].try_into().unwrap());
+    let uffd = Uffd::from_fd(fd).unwrap();
+    let page = uffd.page_size();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = Held {
+        release: release.clone(),
+        entered: entered.clone(),
+        inner: SourceHandler::new(MemorySource::new(image(page))),
+    };
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(addr, page, page, 0)])
+            .spawn();
+        tokio::time::timeout(BOUND, entered.notified())
+            .await
+            .unwrap();
+        // The fault is in the handler; the process that owns the memory dies.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        release.notify_one();
+        let exit = tokio::time::timeout(BOUND, handle.join()).await.unwrap();
+        assert_eq!(exit.unwrap(), ServerExit::ProcessExited);
+    });
+}
+
+/// Sends `fd` with `data` over `sock` (`SCM_RIGHTS`).
+fn send_fd(sock: &UnixStream, fd: i32, data: &[u8]) {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer has room for one header with one fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+    }
+    // SAFETY: `msg` points at live buffers.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    assert_eq!(
+        n as usize,
+        data.len(),
+        "sendmsg: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Receives one fd and up to 64 bytes over `sock`.
+fn recv_fd(sock: &UnixStream) -> (OwnedFd, Vec<u8>) {
+    let mut data = vec![0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at live, writable buffers.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    assert!(n > 0, "recvmsg: {}", std::io::Error::last_os_error());
+    data.truncate(n as usize);
+    // SAFETY: the kernel filled the control buffer; one SCM_RIGHTS header.
+    let fd = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null(), "no fd received");
+        assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
+        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
+    };
+    // SAFETY: the fd was just installed in our table for us.
+    (unsafe { OwnedFd::from_raw_fd(fd) }, data)
+}
