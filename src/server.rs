@@ -291,7 +291,9 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// The server's statistics now.
+    /// The server's statistics now. They are updated right after each
+    /// resolution, so they may trail a thread that was just woken by a
+    /// moment; after [`shutdown`](Self::shutdown) they are final.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
@@ -492,7 +494,7 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
         }
         job.decided = true;
     }
-    apply(shared, job)
+    apply_and_account(shared, job)
 }
 
 fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) -> String {
@@ -500,6 +502,26 @@ fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) 
         "the handler failed serving {:#x}+{:#x} (fault at {:#x}): {e}",
         req.addr, req.len, req.fault_addr
     )
+}
+
+/// [`apply`], and the statistics of a resolution at once, so that they are
+/// current by the time the woken thread runs.
+fn apply_and_account<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
+    let outcome = apply(shared, job);
+    if let Outcome::Resolved = outcome {
+        let stats = &shared.stats;
+        let bytes = job.bytes();
+        let pages = (bytes / job.page_size) as u64;
+        Stats::add(&stats.pages_served, pages);
+        Stats::add(&stats.bytes_served, bytes as u64);
+        if job.zero_fill {
+            Stats::add(&stats.pages_zeroed_after_remove, pages);
+        } else {
+            Stats::add(&stats.pages_prefetched, pages.saturating_sub(1));
+        }
+        stats.record_latency(job.read_at.elapsed());
+    }
+    outcome
 }
 
 /// Applies the decided resolutions of `job`; resumable after a park.
@@ -831,7 +853,7 @@ impl<H: FaultHandler> Reader<H> {
         };
         if job.zero_fill {
             // Freed pages: zeros, without the handler.
-            let outcome = apply(&self.shared, &mut job);
+            let outcome = apply_and_account(&self.shared, &mut job);
             return self.finish(Done { job, outcome }).await;
         }
         let permit = self
@@ -1025,17 +1047,8 @@ impl<H: FaultHandler> Reader<H> {
         let stats = self.shared.stats.clone();
         match outcome {
             Outcome::Resolved => {
+                // Counted where it was applied.
                 self.settle(&job, true);
-                let bytes = job.bytes();
-                let pages = (bytes / job.page_size) as u64;
-                Stats::add(&stats.pages_served, pages);
-                Stats::add(&stats.bytes_served, bytes as u64);
-                if job.zero_fill {
-                    Stats::add(&stats.pages_zeroed_after_remove, pages);
-                } else {
-                    Stats::add(&stats.pages_prefetched, pages.saturating_sub(1));
-                }
-                stats.record_latency(job.read_at.elapsed());
                 self.shared.put_buf(std::mem::take(&mut job.buf));
             }
             Outcome::Park => {
@@ -1137,7 +1150,7 @@ impl<H: FaultHandler> Reader<H> {
         }
         let now = Instant::now();
         for mut job in std::mem::take(&mut self.parked) {
-            let outcome = apply(&self.shared, &mut job);
+            let outcome = apply_and_account(&self.shared, &mut job);
             match outcome {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
                     Stats::add(&self.shared.stats.handler_failures, 1);

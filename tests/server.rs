@@ -36,6 +36,14 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Stops the server and returns its statistics once every fault in flight
+/// is finished (live statistics may trail the woken threads by a moment).
+async fn final_stats(handle: tokio_uffd::ServerHandle) -> tokio_uffd::StatsSnapshot {
+    let stats = handle.stats_ref();
+    assert_eq!(handle.shutdown().await.unwrap(), ServerExit::Stopped);
+    stats.snapshot()
+}
+
 /// A uffd with `features`, a registered anonymous mapping of `pages`.
 fn setup(pages: usize, features: Features) -> Option<(Uffd, Mapping)> {
     let uffd = try_uffd(UffdBuilder::new().require(features))?;
@@ -107,10 +115,9 @@ fn duplicate_faults_from_eight_threads_run_the_handler_once() {
             1,
             "handler ran more than once"
         );
-        let stats = handle.stats();
+        let stats = final_stats(handle).await;
         assert_eq!(stats.pages_served, 1);
         assert_eq!(stats.faults(), stats.duplicates + 1);
-        assert_eq!(handle.shutdown().await.unwrap(), ServerExit::Stopped);
     });
 }
 
@@ -152,10 +159,9 @@ fn madv_dontneed_on_served_pages_makes_them_read_zero() {
             vec![expected[0], 0, 0, expected[3]],
             "freed pages must read zero"
         );
-        let stats = handle.stats();
+        let stats = final_stats(handle).await;
         assert_eq!(stats.removes, 1);
         assert_eq!(stats.pages_zeroed_after_remove, 2);
-        handle.shutdown().await.unwrap();
     });
 }
 
@@ -196,8 +202,7 @@ fn an_mremap_of_a_served_region_is_followed() {
         assert_eq!(first, image_byte(0x10000 + 3));
         assert_eq!(moved, first);
         assert_eq!(fresh, image_byte(0x10000 + 2 * page + 9));
-        assert_eq!(handle.stats().remaps, 1);
-        handle.shutdown().await.unwrap();
+        assert_eq!(final_stats(handle).await.remaps, 1);
     });
     std::mem::forget(mem); // its pages now live in `target`
 }
@@ -222,10 +227,9 @@ fn a_forked_child_is_served_by_the_same_handler() {
             .unwrap();
         assert!(libc::WIFEXITED(status), "child status {status:#x}");
         assert_eq!(libc::WEXITSTATUS(status) as u8, image_byte(page + 77));
-        let stats = handle.stats();
+        let stats = final_stats(handle).await;
         assert_eq!(stats.forks, 1);
         assert!(stats.pages_served >= 1);
-        handle.shutdown().await.unwrap();
     });
 }
 
@@ -373,11 +377,10 @@ fn eagain_is_parked_and_resolved_once_the_pending_event_is_read() {
             .unwrap();
         assert_eq!(value, image_byte(page + 5));
         assert_eq!(madvise, 0);
-        let stats = handle.stats();
+        let stats = final_stats(handle).await;
         assert!(stats.eagain >= 1, "the copy never hit EAGAIN: {stats:?}");
         assert_eq!(stats.handler_failures, 0);
         assert_eq!(stats.removes, 1);
-        handle.shutdown().await.unwrap();
     });
 }
 
@@ -412,17 +415,15 @@ fn prefetch_serves_a_window_with_one_fault() {
             let p = 16 + i;
             assert_eq!(b, image_byte(p * page + p));
         }
-        let stats = handle.stats();
-        assert_eq!(stats.faults(), 1, "{stats:?}");
-        assert_eq!(stats.pages_served, 16);
-        assert_eq!(stats.pages_prefetched, 15);
-        // A second fault in the next window skips nothing served before.
+        // A second fault in the next window.
         let v = tokio::task::spawn_blocking(move || read_at(addr + 40 * page + 1))
             .await
             .unwrap();
         assert_eq!(v, image_byte(40 * page + 1));
-        assert_eq!(handle.stats().pages_served, 32);
-        handle.shutdown().await.unwrap();
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.faults(), 2, "{stats:?}");
+        assert_eq!(stats.pages_served, 32);
+        assert_eq!(stats.pages_prefetched, 30);
     });
 }
 
@@ -488,11 +489,10 @@ fn a_file_backed_region_table_restores_64_mib_under_random_access() {
         .await
         .expect("restore took too long")
         .unwrap();
-        let stats = handle.stats();
+        let stats = final_stats(handle).await;
         assert_eq!(stats.pages_served as usize, pages, "{stats:?}");
         assert_eq!(stats.handler_failures, 0);
         assert!(stats.latency.count > 0 && stats.latency.max >= stats.latency.p50);
-        handle.shutdown().await.unwrap();
     });
     let expected = image(len);
     assert!(mem.slice() == &expected[..], "restored image differs");
@@ -585,11 +585,11 @@ fn a_fault_from_the_servers_own_runtime_is_reported() {
             .unwrap()
             .unwrap();
         assert_eq!(v, image_byte(0));
-        let stats = handle.stats();
+        let live = handle.stats_ref();
+        let stats = final_stats(handle).await;
         assert_eq!(stats.self_faults, 1, "{stats:?}");
-        let err = handle.stats_ref().last_error().unwrap();
+        let err = live.last_error().unwrap();
         assert!(err.contains("own runtime"), "{err}");
-        handle.shutdown().await.unwrap();
     });
 }
 
@@ -728,4 +728,246 @@ fn recv_fd(sock: &UnixStream) -> (OwnedFd, Vec<u8>) {
     };
     // SAFETY: the fd was just installed in our table for us.
     (unsafe { OwnedFd::from_raw_fd(fd) }, data)
+}
+
+/// Fails the first `failures` calls, then serves from the image.
+struct Flaky {
+    failures: usize,
+    calls: AtomicUsize,
+    inner: SourceHandler<MemorySource>,
+}
+
+impl FaultHandler for Flaky {
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+            return Err("transient failure".into());
+        }
+        self.inner.fault(req, buf).await
+    }
+}
+
+#[test]
+fn the_retry_policy_runs_a_failed_handler_again() {
+    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        let handler = Flaky {
+            failures: 2,
+            calls: AtomicUsize::new(0),
+            inner: SourceHandler::new(MemorySource::new(image(page))),
+        };
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(mem.addr, page, page, 0)])
+            .on_failure(tokio_uffd::FailurePolicy::Retry {
+                attempts: 3,
+                backoff: std::time::Duration::from_millis(1),
+            })
+            .spawn();
+        let addr = mem.addr;
+        let v = tokio::time::timeout(
+            BOUND,
+            tokio::task::spawn_blocking(move || read_at(addr + 3)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(v, image_byte(3));
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.handler_failures, 2);
+        assert_eq!(stats.poisoned, 0);
+        assert_eq!(stats.pages_served, 1);
+    });
+}
+
+#[test]
+fn the_stop_policy_ends_the_server_with_the_error() {
+    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        let handler = Flaky {
+            failures: usize::MAX,
+            calls: AtomicUsize::new(0),
+            inner: SourceHandler::new(MemorySource::new(image(page))),
+        };
+        let uffd = AsyncUffd::new(uffd).unwrap();
+        let handle = Server::new(uffd.clone(), handler)
+            .regions([Region::new(mem.addr, page, page, 0)])
+            .on_failure(tokio_uffd::FailurePolicy::Stop)
+            .spawn();
+        let addr = mem.addr;
+        let toucher = thread::spawn(move || read_at(addr));
+        let err = tokio::time::timeout(BOUND, handle.join())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("transient failure"), "{err}");
+        assert!(matches!(err, tokio_uffd::Error::Handler { .. }));
+        // The thread still waits (no zeros were handed to it): serve it.
+        assert!(!toucher.is_finished());
+        uffd.copy(
+            mem.addr,
+            &[7u8].repeat(page),
+            tokio_uffd::CopyFlags::empty(),
+        )
+        .unwrap();
+        let v = tokio::task::spawn_blocking(move || toucher.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(v, 7);
+    });
+}
+
+#[test]
+fn faults_outside_every_region_are_served_page_by_page() {
+    let Some((uffd, mem)) = setup(3, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        // No regions: the source is read at offset = address.
+        struct ByAddress;
+        impl tokio_uffd::PageSource for ByAddress {
+            async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+                buf.fill((offset / 4096) as u8);
+                Ok(())
+            }
+        }
+        let handle =
+            Server::new(AsyncUffd::new(uffd).unwrap(), SourceHandler::new(ByAddress)).spawn();
+        let addr = mem.addr;
+        let got = tokio::task::spawn_blocking(move || {
+            (0..3).map(|p| read_at(addr + p * page)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let want: Vec<u8> = (0..3).map(|p| ((addr + p * page) / 4096) as u8).collect();
+        assert_eq!(got, want);
+        assert_eq!(final_stats(handle).await.pages_served, 3);
+    });
+}
+
+#[test]
+fn an_unmapped_range_is_forgotten() {
+    let Some((uffd, mem)) = setup(4, Features::EVENT_UNMAP) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(4 * page))),
+        )
+        .regions([Region::new(mem.addr, 4 * page, page, 0)])
+        .spawn();
+        let addr = mem.addr;
+        let v = tokio::task::spawn_blocking(move || {
+            let a = read_at(addr + 3 * page);
+            // SAFETY: unmapping pages of our own mapping.
+            let r = unsafe { libc::munmap(addr as *mut libc::c_void, 2 * page) };
+            assert_eq!(r, 0);
+            (a, read_at(addr + 2 * page + 1))
+        });
+        let (a, b) = tokio::time::timeout(BOUND, v).await.unwrap().unwrap();
+        assert_eq!((a, b), (image_byte(3 * page), image_byte(2 * page + 1)));
+        assert_eq!(final_stats(handle).await.unmaps, 1);
+    });
+    // The first two pages are gone; unmap the rest ourselves.
+    // SAFETY: unmapping the rest of our own mapping.
+    unsafe { libc::munmap((mem.addr + 2 * page) as *mut libc::c_void, 2 * page) };
+    std::mem::forget(mem);
+}
+
+#[test]
+fn hugetlb_regions_are_served_with_their_page_size_and_zeroed_after_remove() {
+    let Some(uffd) =
+        try_uffd(UffdBuilder::new().require(Features::MISSING_HUGETLBFS | Features::EVENT_REMOVE))
+    else {
+        return;
+    };
+    let huge = huge_page_size();
+    let Some(mem) = Mapping::hugetlb(2 * huge) else {
+        return;
+    };
+    // SAFETY: fresh mapping served by the server below.
+    unsafe { uffd.register(mem.addr, 2 * huge, RegisterMode::MISSING) }.unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(2 * huge))),
+        )
+        .regions([Region::new(mem.addr, 2 * huge, huge, 0)])
+        .spawn();
+        let addr = mem.addr;
+        let got = tokio::task::spawn_blocking(move || {
+            let a = read_at(addr + huge + 4097);
+            // SAFETY: freeing a huge page of our own mapping.
+            let r = unsafe {
+                libc::madvise(
+                    (addr + huge) as *mut libc::c_void,
+                    huge,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            (a, read_at(addr + huge + 4097), read_at(addr + 5))
+        });
+        let (a, b, c) = tokio::time::timeout(BOUND, got).await.unwrap().unwrap();
+        assert_eq!(a, image_byte(huge + 4097));
+        assert_eq!(b, 0, "a removed huge page must read zero");
+        assert_eq!(c, image_byte(5));
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.pages_served, 3, "{stats:?}");
+        assert_eq!(stats.bytes_served as usize, 3 * huge);
+        assert_eq!(stats.pages_zeroed_after_remove, 1);
+    });
+}
+
+#[test]
+fn shmem_minor_faults_are_continued_by_the_server() {
+    let Some(uffd) = try_uffd(UffdBuilder::new().require(Features::MINOR_SHMEM)) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 4 * page;
+    let Some(fd) = memfd(len, false) else { return };
+    let area = Mapping::new(len, libc::MAP_SHARED, fd.as_raw_fd()).unwrap();
+    let fill = Mapping::new(len, libc::MAP_SHARED, fd.as_raw_fd()).unwrap();
+    let data = image(len);
+    // SAFETY: `fill` is ours, writable for `len` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), fill.ptr(0), len) };
+    // SAFETY: fresh mapping served by the server below.
+    unsafe { uffd.register(area.addr, len, RegisterMode::MINOR) }.unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(tokio_uffd::ZeroSource),
+        )
+        .regions([Region::new(area.addr, len, page, 0)])
+        .spawn();
+        let addr = area.addr;
+        let got = tokio::task::spawn_blocking(move || {
+            (0..4)
+                .map(|p| read_at(addr + p * page + 11))
+                .collect::<Vec<_>>()
+        });
+        let got = tokio::time::timeout(BOUND, got).await.unwrap().unwrap();
+        let want: Vec<u8> = (0..4).map(|p| image_byte(p * page + 11)).collect();
+        assert_eq!(got, want);
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.faults_minor, 4);
+    });
 }
