@@ -139,3 +139,8 @@ pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, Serve
 pub use source::{FileSource, MemorySource, PageSource, ZeroSource};
 pub use stats::{Latency, Stats, StatsSnapshot};
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};
+
+/// The README's code, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

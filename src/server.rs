@@ -317,15 +317,27 @@ impl ServerHandle {
         self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Waits for the server to end.
+    /// Waits for the server to end. It can be awaited by reference (in a
+    /// `select!` next to something else), and again after it finished.
     ///
     /// # Errors
     ///
-    /// The server's error; a panic inside the server is an
-    /// [`Error::Server`].
-    pub async fn join(mut self) -> Result<ServerExit> {
-        let task = self.task.take().expect("joined once");
-        match task.await {
+    /// The server's error; a panic inside the server, or a second call after
+    /// the first returned, is an [`Error::Server`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future leaves the server running and the
+    /// handle usable.
+    pub async fn join(&mut self) -> Result<ServerExit> {
+        let Some(task) = self.task.as_mut() else {
+            return Err(Error::Server {
+                reason: "the server was already joined".into(),
+            });
+        };
+        let result = task.await;
+        self.task = None;
+        match result {
             Ok(r) => r,
             Err(e) => Err(Error::Server {
                 reason: format!("the server task failed: {e}"),
@@ -338,7 +350,7 @@ impl ServerHandle {
     /// # Errors
     ///
     /// As for [`join`](Self::join).
-    pub async fn shutdown(self) -> Result<ServerExit> {
+    pub async fn shutdown(mut self) -> Result<ServerExit> {
         self.stop();
         self.join().await
     }

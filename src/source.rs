@@ -51,7 +51,11 @@ impl PageSource for ZeroSource {
     }
 }
 
-/// A source backed by bytes in memory. Reads past the end are an error.
+/// A source backed by bytes in memory.
+///
+/// A read that starts inside the bytes and runs past their end gets zeros
+/// for the part past the end (an image whose length is not a whole number
+/// of pages); a read that starts past the end is an error.
 #[derive(Clone)]
 pub struct MemorySource {
     bytes: Arc<[u8]>,
@@ -74,21 +78,28 @@ impl MemorySource {
     }
 }
 
-fn out_of_range(offset: u64, len: usize, size: u64) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("read of {len} bytes at offset {offset:#x} runs past the end of the source ({size:#x} bytes)"),
-    )
+/// How many of `len` bytes at `offset` a source of `size` bytes holds; an
+/// error if the read starts at or past its end.
+fn available(offset: u64, len: usize, size: u64) -> io::Result<usize> {
+    if offset >= size && len > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "read of {len:#x} bytes at offset {offset:#x} starts past the end of the source \
+                 ({size:#x} bytes): is a region larger than its image?"
+            ),
+        ));
+    }
+    Ok(len.min((size - offset.min(size)) as usize))
 }
 
 impl PageSource for MemorySource {
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let size = self.bytes.len() as u64;
-        let start = usize::try_from(offset).ok().filter(|_| offset <= size);
-        let src = start
-            .and_then(|s| self.bytes.get(s..s.checked_add(buf.len())?))
-            .ok_or_else(|| out_of_range(offset, buf.len(), size))?;
-        buf.copy_from_slice(src);
+        let n = available(offset, buf.len(), size)?;
+        let start = offset as usize; // < size, which fits a usize
+        buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+        buf[n..].fill(0);
         Ok(())
     }
 }
@@ -97,7 +108,9 @@ impl PageSource for MemorySource {
 ///
 /// Reads run on Tokio's blocking pool (`pread(2)`), never on the reactor
 /// thread. Each read goes through a temporary buffer that is copied into the
-/// caller's: a disk read costs far more than that copy.
+/// caller's: a disk read costs far more than that copy. As for
+/// [`MemorySource`], the part of a read past the end of the file reads zero
+/// (the file's length is taken when it is opened).
 #[derive(Debug, Clone)]
 pub struct FileSource {
     file: Arc<File>,
@@ -140,21 +153,16 @@ impl FileSource {
 
 impl PageSource for FileSource {
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len();
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > self.len)
-        {
-            return Err(out_of_range(offset, len, self.len));
-        }
+        let n = available(offset, buf.len(), self.len)?;
         let file = self.file.clone();
         let tmp = tokio::task::spawn_blocking(move || {
-            let mut tmp = vec![0u8; len];
+            let mut tmp = vec![0u8; n];
             file.read_exact_at(&mut tmp, offset).map(|()| tmp)
         })
         .await
         .map_err(io::Error::other)??;
-        buf.copy_from_slice(&tmp);
+        buf[..n].copy_from_slice(&tmp);
+        buf[n..].fill(0);
         Ok(())
     }
 }
@@ -162,5 +170,22 @@ impl PageSource for FileSource {
 impl<S: PageSource> PageSource for Arc<S> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> + Send {
         S::read_at(self, offset, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_read_across_the_end_is_zero_filled_one_past_it_fails() {
+        let src = MemorySource::new(vec![7u8; 6000]);
+        let mut buf = vec![1u8; 4096];
+        src.read_at(4096, &mut buf).await.unwrap();
+        assert!(buf[..1904].iter().all(|&b| b == 7));
+        assert!(buf[1904..].iter().all(|&b| b == 0));
+        let err = src.read_at(8192, &mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("starts past the end"), "{err}");
+        assert!(src.read_at(6000, &mut buf).await.is_err());
     }
 }

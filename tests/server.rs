@@ -533,7 +533,7 @@ fn graceful_stop_finishes_the_faults_in_flight() {
     };
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+        let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
             .regions([Region::new(mem.addr, page, page, 0)])
             .spawn();
         let addr = mem.addr;
@@ -651,7 +651,7 @@ fn the_owning_process_exiting_ends_the_server_cleanly() {
     };
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+        let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
             .regions([Region::new(addr, page, page, 0)])
             .spawn();
         tokio::time::timeout(BOUND, entered.notified())
@@ -800,7 +800,7 @@ fn the_stop_policy_ends_the_server_with_the_error() {
             inner: SourceHandler::new(MemorySource::new(image(page))),
         };
         let uffd = AsyncUffd::new(uffd).unwrap();
-        let handle = Server::new(uffd.clone(), handler)
+        let mut handle = Server::new(uffd.clone(), handler)
             .regions([Region::new(mem.addr, page, page, 0)])
             .on_failure(tokio_uffd::FailurePolicy::Stop)
             .spawn();

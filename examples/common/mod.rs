@@ -1,0 +1,200 @@
+//! Pieces the examples share: command-line flags, an anonymous mapping, a
+//! verifiable image pattern, shuffled page orders and a summary printer.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_uffd::StatsSnapshot;
+
+/// `--name value` flags and `--switch`es.
+pub struct Flags {
+    values: HashMap<String, String>,
+    usage: &'static str,
+}
+
+impl Flags {
+    /// Parses `std::env::args`; `--help` prints `usage` and exits.
+    pub fn parse(usage: &'static str, switches: &[&str]) -> Self {
+        let mut values = HashMap::new();
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            if arg == "-h" || arg == "--help" {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            let Some(name) = arg.strip_prefix("--") else {
+                fail(usage, &format!("unexpected argument {arg:?}"));
+            };
+            if switches.contains(&name) {
+                values.insert(name.to_string(), "true".to_string());
+                continue;
+            }
+            match args.next() {
+                Some(v) => values.insert(name.to_string(), v),
+                None => fail(usage, &format!("--{name} needs a value")),
+            };
+        }
+        Self { values, usage }
+    }
+
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.values.get(name).cloned()
+    }
+
+    pub fn switch(&self, name: &str) -> bool {
+        self.values.contains_key(name)
+    }
+
+    /// A positive number, or `default`.
+    pub fn number(&self, name: &str, default: usize) -> usize {
+        match self.values.get(name) {
+            None => default,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => fail(
+                    self.usage,
+                    &format!("--{name} needs a positive number, not {v:?}"),
+                ),
+            },
+        }
+    }
+
+    /// Checks that only `known` flags were given.
+    pub fn only(&self, known: &[&str]) {
+        for k in self.values.keys() {
+            if !known.contains(&k.as_str()) {
+                fail(self.usage, &format!("unknown flag --{k}"));
+            }
+        }
+    }
+}
+
+fn fail(usage: &str, msg: &str) -> ! {
+    eprintln!("error: {msg}\n{usage}");
+    std::process::exit(2);
+}
+
+/// The byte at `offset` of a generated image: depends on the offset and
+/// the page, so a page served at the wrong place is caught.
+pub fn image_byte(offset: u64) -> u8 {
+    (offset as u8) ^ ((offset >> 12) as u8).wrapping_mul(31) ^ ((offset >> 20) as u8)
+}
+
+/// Fills `buf` with the image bytes from `offset`.
+pub fn fill_image(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = image_byte(offset + i as u64);
+    }
+}
+
+/// An anonymous private mapping, unmapped on drop.
+pub struct Mapping {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Mapping {
+    pub fn anon(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh mapping at an address the kernel picks.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// The whole mapping; call only once every page is resolved.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: readable for `len` bytes, every page resolved.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Reads the byte at `addr` (which may fault and wait for the handler).
+pub fn read_at(addr: usize) -> u8 {
+    // SAFETY: callers pass addresses inside live mappings.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Writes the byte at `addr` (which may fault and wait for the handler).
+pub fn write_at(addr: usize, v: u8) {
+    // SAFETY: callers pass addresses inside live, writable mappings.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+}
+
+/// A small deterministic PRNG (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+pub fn micros(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
+}
+
+/// Prints the server's figures.
+pub fn print_stats(s: &StatsSnapshot, elapsed: Duration) {
+    let mib = s.bytes_served as f64 / (1 << 20) as f64;
+    println!(
+        "  faults: {} missing, {} write-protect, {} minor; {} duplicates",
+        s.faults_missing, s.faults_write_protect, s.faults_minor, s.duplicates
+    );
+    println!(
+        "  pages served: {} ({} prefetched, {} zeroed after remove); {:.1} MiB in {:.3} s = {:.1} MiB/s",
+        s.pages_served,
+        s.pages_prefetched,
+        s.pages_zeroed_after_remove,
+        mib,
+        elapsed.as_secs_f64(),
+        mib / elapsed.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "  fault latency: p50 {}, p99 {}, max {} (over {} faults)",
+        micros(s.latency.p50),
+        micros(s.latency.p99),
+        micros(s.latency.max),
+        s.latency.count
+    );
+    println!(
+        "  EEXIST {}, EAGAIN {}, handler failures {}",
+        s.eexist, s.eagain, s.handler_failures
+    );
+}
