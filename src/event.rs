@@ -135,12 +135,33 @@ pub struct Unmap {
     pub end: usize,
 }
 
-/// A decoded message; a fork carries the raw fd the kernel installed, which
-/// only the buffer that read the message may take ownership of.
+/// A message decoded without taking ownership of anything; see
+/// [`decode_message`].
 #[derive(Debug)]
-pub(crate) enum Decoded {
+#[non_exhaustive]
+pub enum RawEvent {
+    /// Any event but a fork (never [`Event::Fork`]).
     Event(Event),
+    /// A fork, with the number of the fd the kernel installed for the
+    /// child's userfaultfd when the message was read. Not owned: whoever
+    /// read the message owns it.
     Fork(RawFd),
+}
+
+/// Decodes one 32-byte `uffd_msg` as read from a userfaultfd, purely: no
+/// fd is touched or taken. `thread_id` says whether `THREAD_ID` was
+/// granted (otherwise the thread id field means nothing).
+///
+/// [`EventBuffer`] does this for every message it reads and takes
+/// ownership of fork fds; this function is for tools that see raw messages
+/// (tests, fuzzers, recorders).
+///
+/// # Errors
+///
+/// [`Error::UnknownEvent`] for an event code this crate does not know,
+/// [`Error::BadMessage`] for fields out of range. Never panics.
+pub fn decode_message(bytes: &[u8; 32], thread_id: bool) -> Result<RawEvent> {
+    decode(&sys::uffd_msg::from_bytes(bytes), thread_id)
 }
 
 fn addr(v: u64, what: &'static str, msg: &sys::uffd_msg) -> Result<usize> {
@@ -152,7 +173,7 @@ fn addr(v: u64, what: &'static str, msg: &sys::uffd_msg) -> Result<usize> {
 
 /// Decodes one message. Pure: no fd is touched. `thread_id` says whether
 /// `THREAD_ID` was granted, so that `ptid` means something.
-pub(crate) fn decode(msg: &sys::uffd_msg, thread_id: bool) -> Result<Decoded> {
+fn decode(msg: &sys::uffd_msg, thread_id: bool) -> Result<RawEvent> {
     // SAFETY (for every union read below): each variant is plain integers
     // and the union is always fully initialised (24 bytes read from the
     // kernel, or built by `uffd_msg::from_bytes`), so any variant may be read.
@@ -173,7 +194,7 @@ pub(crate) fn decode(msg: &sys::uffd_msg, thread_id: bool) -> Result<Decoded> {
                 what: "fork fd out of range",
                 bytes: msg.to_bytes(),
             })?;
-            return Ok(Decoded::Fork(fd));
+            return Ok(RawEvent::Fork(fd));
         }
         sys::UFFD_EVENT_REMAP => {
             // SAFETY: see above.
@@ -202,7 +223,7 @@ pub(crate) fn decode(msg: &sys::uffd_msg, thread_id: bool) -> Result<Decoded> {
             })
         }
     };
-    Ok(Decoded::Event(event))
+    Ok(RawEvent::Event(event))
 }
 
 /// A buffer of whole `uffd_msg`s, filled by one `read(2)` and emptied one
@@ -298,8 +319,8 @@ impl EventBuffer {
         self.head += 1;
         let thread_id = parent.info.features.contains(Features::THREAD_ID);
         Some(decode(&msg, thread_id).and_then(|d| match d {
-            Decoded::Event(e) => Ok(e),
-            Decoded::Fork(fd) => {
+            RawEvent::Event(e) => Ok(e),
+            RawEvent::Fork(fd) => {
                 // SAFETY: the kernel installed this fd in our table when
                 // `read(2)` returned the message, and the message was just
                 // taken from the buffer, so nothing else owns it.
@@ -356,7 +377,7 @@ impl Drop for EventBuffer {
             // SAFETY: messages `head..tail` are initialised.
             let msg = unsafe { self.msgs[self.head].assume_init_read() };
             self.head += 1;
-            if let Ok(Decoded::Fork(fd)) = decode(&msg, false) {
+            if let Ok(RawEvent::Fork(fd)) = decode(&msg, false) {
                 // SAFETY: as in `next_event`: the read installed this fd and
                 // nothing took it.
                 drop(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -389,14 +410,14 @@ mod tests {
     #[test]
     fn decodes_pagefault_with_and_without_thread_id() {
         let m = msg(sys::UFFD_EVENT_PAGEFAULT, [0b101, 0x7000, 42]);
-        let Decoded::Event(Event::PageFault(pf)) = decode(&m, true).unwrap() else {
+        let RawEvent::Event(Event::PageFault(pf)) = decode(&m, true).unwrap() else {
             panic!("not a page fault")
         };
         assert_eq!(pf.address, 0x7000);
         assert_eq!(pf.kind(), FaultKind::Minor);
         assert!(pf.is_write());
         assert_eq!(pf.thread_id, Some(42));
-        let Decoded::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
+        let RawEvent::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
             panic!("not a page fault")
         };
         assert_eq!(pf.thread_id, None);
@@ -405,7 +426,7 @@ mod tests {
     #[test]
     fn keeps_unknown_fault_flags() {
         let m = msg(sys::UFFD_EVENT_PAGEFAULT, [1 << 40 | 2, 0x1000, 0]);
-        let Decoded::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
+        let RawEvent::Event(Event::PageFault(pf)) = decode(&m, false).unwrap() else {
             panic!("not a page fault")
         };
         assert_eq!(pf.flags.bits(), 1 << 40 | 2);
@@ -429,14 +450,14 @@ mod tests {
     #[test]
     fn decodes_remap_remove_unmap() {
         let m = msg(sys::UFFD_EVENT_REMAP, [0x1000, 0x9000, 0x2000]);
-        let Decoded::Event(Event::Remap(r)) = decode(&m, false).unwrap() else {
+        let RawEvent::Event(Event::Remap(r)) = decode(&m, false).unwrap() else {
             panic!()
         };
         assert_eq!((r.from, r.to, r.len), (0x1000, 0x9000, 0x2000));
         let m = msg(sys::UFFD_EVENT_REMOVE, [0x1000, 0x3000, 0]);
         assert!(matches!(
             decode(&m, false).unwrap(),
-            Decoded::Event(Event::Remove(Remove {
+            RawEvent::Event(Event::Remove(Remove {
                 start: 0x1000,
                 end: 0x3000
             }))
@@ -444,7 +465,7 @@ mod tests {
         let m = msg(sys::UFFD_EVENT_UNMAP, [0x1000, 0x3000, 0]);
         assert!(matches!(
             decode(&m, false).unwrap(),
-            Decoded::Event(Event::Unmap(Unmap {
+            RawEvent::Event(Event::Unmap(Unmap {
                 start: 0x1000,
                 end: 0x3000
             }))

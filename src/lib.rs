@@ -127,7 +127,8 @@ mod uffd;
 pub use asyncfd::{AsyncUffd, EventStream};
 pub use error::{Error, ErrorKind, Op, Result};
 pub use event::{
-    Event, EventBuffer, FaultKind, Fork, PageFault, Remap, Remove, Unmap, DEFAULT_BATCH,
+    decode_message, Event, EventBuffer, FaultKind, Fork, PageFault, RawEvent, Remap, Remove, Unmap,
+    DEFAULT_BATCH,
 };
 pub use flags::{
     ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PageFaultFlags, PoisonFlags,

@@ -261,6 +261,7 @@ impl<H: FaultHandler> Server<H> {
 
     async fn run_until(self, stop: watch::Receiver<bool>) -> Result<ServerExit> {
         let page_size = self.uffd.page_size();
+        let tracks_removal = self.uffd.features().contains(Features::EVENT_REMOVE);
         let stream = self.uffd.event_stream_with_batch(self.batch)?;
         let shared = Arc::new(Shared {
             uffd: self.uffd,
@@ -273,6 +274,7 @@ impl<H: FaultHandler> Server<H> {
             prefetch: self.prefetch,
             concurrency: self.concurrency,
             batch: self.batch,
+            tracks_removal,
             pool: Mutex::new(Vec::new()),
         });
         let reader = Reader::new(shared, Layout::new(self.regions), self.guard_threads, stop);
@@ -374,6 +376,8 @@ struct Shared<H> {
     prefetch: usize,
     concurrency: usize,
     batch: usize,
+    /// Whether `EVENT_REMOVE` tells the server about freed pages.
+    tracks_removal: bool,
     /// Reusable page buffers.
     pool: Mutex<Vec<Vec<u8>>>,
 }
@@ -831,6 +835,7 @@ impl<H: FaultHandler> Reader<H> {
             prefetch: self.shared.prefetch,
             concurrency: self.shared.concurrency,
             batch: self.shared.batch,
+            tracks_removal: self.shared.tracks_removal,
             pool: Mutex::new(Vec::new()),
         });
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
@@ -914,8 +919,11 @@ impl<H: FaultHandler> Reader<H> {
             return None;
         }
         let missing = fault.kind() == FaultKind::Missing;
-        if missing && rs.served.get(idx) {
+        if missing && rs.served.get(idx) && self.shared.tracks_removal {
             // Served since the fault was raised: just wake the thread.
+            // (Only with EVENT_REMOVE: without it a page freed by
+            // MADV_DONTNEED still looks served, and waking alone would make
+            // its thread fault for ever.)
             let _ = self.shared.uffd.wake(page, ps);
             return None;
         }

@@ -536,6 +536,31 @@ pub(crate) fn poll_error(fd: BorrowedFd<'_>) -> bool {
     n > 0 && pfd.revents & libc::POLLERR != 0
 }
 
+/// `poll(2)` for `POLLIN` on `fd` up to `timeout` (`None`: forever);
+/// whether it became readable. `EINTR` is retried.
+pub(crate) fn poll_in(
+    fd: BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<bool> {
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n >= 0 {
+            return Ok(n > 0 && pfd.revents & libc::POLLIN != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Sets `O_NONBLOCK` on the open file description and `FD_CLOEXEC` on `fd`.
 pub(crate) fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fd = fd.as_raw_fd();

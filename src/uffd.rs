@@ -774,6 +774,20 @@ impl Uffd {
         Ok(())
     }
 
+    /// Waits until a message is queued or `timeout` passes (`None`: no
+    /// limit), with `poll(2)`: the blocking wait of a synchronous handler
+    /// thread. Returns whether a message is queued.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Os`] if `poll` fails (an interrupted wait is retried).
+    pub fn wait_readable(&self, timeout: Option<std::time::Duration>) -> Result<bool> {
+        sys::poll_in(self.fd.as_fd(), timeout).map_err(|source| Error::Os {
+            what: "waiting for the userfaultfd with poll(2)",
+            source,
+        })
+    }
+
     /// Reads as many queued messages as fit into the free space of `buf`
     /// with one `read(2)`, and returns how many were read (at least one).
     ///

@@ -971,3 +971,34 @@ fn shmem_minor_faults_are_continued_by_the_server() {
         assert_eq!(stats.faults_minor, 4);
     });
 }
+
+#[test]
+fn without_event_remove_a_freed_page_is_served_again_not_livelocked() {
+    // Without EVENT_REMOVE the server cannot know a served page was freed;
+    // the next fault there must be resolved again, not only woken.
+    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = rt();
+    rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(page))),
+        )
+        .regions([Region::new(mem.addr, page, page, 0)])
+        .spawn();
+        let addr = mem.addr;
+        let got = tokio::task::spawn_blocking(move || {
+            let a = read_at(addr + 1);
+            // SAFETY: freeing a page of our own mapping.
+            let r = unsafe { libc::madvise(addr as *mut libc::c_void, page, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0);
+            (a, read_at(addr + 1))
+        });
+        let (a, b) = tokio::time::timeout(BOUND, got).await.unwrap().unwrap();
+        assert_eq!((a, b), (image_byte(1), image_byte(1)));
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.pages_served, 2, "{stats:?}");
+    });
+}
