@@ -14,6 +14,7 @@ use tokio::io::Interest;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBuffer, DEFAULT_BATCH};
+use crate::server::RemovalGate;
 use crate::uffd::{ReadError, Uffd};
 
 /// A [`Uffd`] registered with Tokio's reactor.
@@ -141,6 +142,7 @@ impl AsyncUffd {
         Ok(EventStream {
             uffd: self.clone(),
             buf: EventBuffer::new(batch),
+            gate: None,
         })
     }
 
@@ -189,6 +191,8 @@ impl Deref for AsyncUffd {
 pub struct EventStream {
     uffd: AsyncUffd,
     buf: EventBuffer,
+    /// The server's removal gate, held for writing across each read.
+    gate: Option<Arc<RemovalGate>>,
 }
 
 impl fmt::Debug for EventStream {
@@ -233,7 +237,18 @@ impl EventStream {
             let mut guard = ready!(self.uffd.inner.fd.poll_read_ready(cx))
                 .map_err(|source| Error::Read { source })?;
             let room = self.buf.capacity() - self.buf.len();
-            match guard.get_inner().read_raw(&mut self.buf) {
+            let read = match &self.gate {
+                Some(gate) => {
+                    let mut log = gate.lock_for_read();
+                    let read = guard.get_inner().read_raw(&mut self.buf);
+                    for (start, end) in self.buf.unread_removes() {
+                        log.record(start, end);
+                    }
+                    read
+                }
+                None => guard.get_inner().read_raw(&mut self.buf),
+            };
+            match read {
                 Ok(n) if n < room => guard.clear_ready(),
                 Ok(_) => guard.retain_ready(),
                 Err(ReadError::Os(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -257,6 +272,16 @@ impl EventStream {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
+    /// The server reads under its removal gate.
+    pub(crate) fn set_removal_gate(&mut self, gate: Arc<RemovalGate>) {
+        self.gate = Some(gate);
+    }
+
+    /// The next event already read from the kernel, without reading more.
+    pub(crate) fn next_buffered(&mut self) -> Option<Result<Event>> {
+        self.buf.next_event()
+    }
+
     /// Returns the next event if one is buffered or queued in the kernel now,
     /// without waiting: `Ok(None)` when none is. Useful to drain the queue
     /// while retrying a resolution that failed with
@@ -269,7 +294,18 @@ impl EventStream {
         if let Some(event) = self.buf.next_event() {
             return event.map(Some);
         }
-        match self.uffd.uffd().read_events(&mut self.buf) {
+        let read = match &self.gate {
+            Some(gate) => {
+                let mut log = gate.lock_for_read();
+                let read = self.uffd.uffd().read_events(&mut self.buf);
+                for (start, end) in self.buf.unread_removes() {
+                    log.record(start, end);
+                }
+                read
+            }
+            None => self.uffd.uffd().read_events(&mut self.buf),
+        };
+        match read {
             Ok(_) => self.buf.next_event().transpose(),
             Err(e) if e.kind() == crate::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),

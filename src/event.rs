@@ -331,6 +331,20 @@ impl EventBuffer {
         }))
     }
 
+    /// The ranges of the Remove messages read but not yet taken.
+    pub(crate) fn unread_removes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.head..self.tail).filter_map(|i| {
+            // SAFETY: messages `head..tail` are initialised.
+            let msg = unsafe { self.msgs[i].assume_init_ref() };
+            if msg.event != sys::UFFD_EVENT_REMOVE {
+                return None;
+            }
+            // SAFETY: every variant of the union is plain integers.
+            let r = unsafe { msg.arg.remove };
+            Some((usize::try_from(r.start).ok()?, usize::try_from(r.end).ok()?))
+        })
+    }
+
     /// Appends a message as if it had been read (tests of decoding).
     #[cfg(test)]
     fn push_for_test(&mut self, msg: sys::uffd_msg, parent: Parent) {

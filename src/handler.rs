@@ -102,7 +102,7 @@ pub trait FaultHandler: Send + Sync + 'static {
 /// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize) -> std::io::Result<()> {
 /// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
 ///
-/// let regions = [Region::new(base, 128 << 20, 4096, 0)];
+/// let regions = [Region::new(base, 128 << 20, uffd.page_size(), 0)];
 /// let server = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?)).regions(regions);
 /// # Ok(()) }
 /// ```

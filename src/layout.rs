@@ -226,6 +226,10 @@ impl Layout {
         self.unmap(to, to + len);
         for mut r in moved {
             r.region.start = r.region.start - from + to;
+            // Resolutions in flight target the old address and will find it
+            // gone; faults at the new address are planned afresh.
+            let pages = r.region.len / r.region.page_size;
+            r.inflight = BitSet::new(pages);
             let i = self
                 .regions
                 .partition_point(|x| x.region.start < r.region.start);

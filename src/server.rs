@@ -1,15 +1,16 @@
 //! The fault server: reads events, runs the handler in spawned tasks, and
 //! owns every kernel edge case around it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
 
 use crate::asyncfd::{AsyncUffd, EventStream};
 use crate::error::{Error, ErrorKind, Result};
@@ -93,7 +94,14 @@ pub enum ServerExit {
 ///   of pages with each fault, skipping pages already served or in flight;
 /// - failures follow the [`FailurePolicy`];
 /// - with `THREAD_ID`, a fault raised by a thread of the server's own
-///   runtime is reported (it would deadlock a current-thread runtime).
+///   runtime is reported in [`Stats`] (and still served when another worker
+///   can: on a current-thread runtime nothing can, the runtime's only thread
+///   is the one asleep, so never touch registered memory from it).
+///
+/// Hugetlbfs memory needs a [`Region`] with its huge page size: outside
+/// every region faults are served with the base page size.
+///
+/// [`Stats`]: crate::Stats
 ///
 /// [`SourceHandler`]: crate::SourceHandler
 ///
@@ -103,8 +111,9 @@ pub enum ServerExit {
 /// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize, len: usize) -> Result<(), Box<dyn std::error::Error>> {
 /// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
 ///
+/// let page = uffd.page_size();
 /// let handle = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?))
-///     .regions([Region::new(base, len, 4096, 0)])
+///     .regions([Region::new(base, len, page, 0)])
 ///     .prefetch(16)
 ///     .spawn();
 /// // ... the program runs and faults ...
@@ -225,9 +234,9 @@ impl<H: FaultHandler> Server<H> {
         self.stats.clone()
     }
 
-    /// Runs the server on the caller's task until it is stopped through
-    /// `stop`'s sender side (see [`spawn`](Self::spawn)) or the owning
-    /// process exits.
+    /// Runs the server on the caller's task until `shutdown` completes
+    /// (then it stops gracefully, as [`ServerHandle::stop`] describes) or
+    /// the owning process exits.
     ///
     /// # Errors
     ///
@@ -237,9 +246,16 @@ impl<H: FaultHandler> Server<H> {
     /// # Panics
     ///
     /// Needs a Tokio runtime with I/O and time enabled.
-    pub async fn run(self) -> Result<ServerExit> {
-        let (_tx, rx) = watch::channel(false);
-        self.run_until(rx).await
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<ServerExit> {
+        let (tx, rx) = watch::channel(false);
+        let server = self.run_until(rx);
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => return r,
+            () = shutdown => {}
+        }
+        let _ = tx.send(true);
+        server.await
     }
 
     /// Spawns the server on the current runtime and returns a handle to
@@ -251,10 +267,12 @@ impl<H: FaultHandler> Server<H> {
     pub fn spawn(self) -> ServerHandle {
         let (tx, rx) = watch::channel(false);
         let stats = self.stats.clone();
+        let uffd = self.uffd.clone();
         let task = tokio::spawn(self.run_until(rx));
         ServerHandle {
             stop: tx,
             stats,
+            uffd,
             task: Some(task),
         }
     }
@@ -274,7 +292,7 @@ impl<H: FaultHandler> Server<H> {
             prefetch: self.prefetch,
             concurrency: self.concurrency,
             batch: self.batch,
-            tracks_removal,
+            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
             pool: Mutex::new(Vec::new()),
         });
         let reader = Reader::new(shared, Layout::new(self.regions), self.guard_threads, stop);
@@ -285,10 +303,17 @@ impl<H: FaultHandler> Server<H> {
 /// A handle to a spawned [`Server`]: its statistics, and a graceful stop.
 ///
 /// Dropping the handle stops the server too.
+///
+/// When the server ends it drops its handle to the userfaultfd. If that was
+/// the last one, the kernel closes it, unregisters the memory and wakes
+/// every waiting thread, which then sees the memory as if it had never been
+/// registered: zeros for anonymous memory. Keep a clone of the
+/// [`AsyncUffd`] for as long as the memory must stay served.
 #[derive(Debug)]
 pub struct ServerHandle {
     stop: watch::Sender<bool>,
     stats: Arc<Stats>,
+    uffd: AsyncUffd,
     task: Option<tokio::task::JoinHandle<Result<ServerExit>>>,
 }
 
@@ -303,6 +328,12 @@ impl ServerHandle {
     /// The live statistics, to keep after the handle is gone.
     pub fn stats_ref(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The userfaultfd the server reads. The handle keeps it open; clone it
+    /// to keep the memory registered after the server ends.
+    pub fn uffd(&self) -> &AsyncUffd {
+        &self.uffd
     }
 
     /// Asks the server to stop: it reads no new event, finishes the faults
@@ -364,6 +395,75 @@ impl Drop for ServerHandle {
     }
 }
 
+/// The writes of `Remove` events that tasks must not race with.
+///
+/// The kernel zaps the pages of a `MADV_DONTNEED` right after its Remove
+/// message is read. A resolution in flight for one of those pages that
+/// lands after the zap would leave the old contents there: silent
+/// corruption. So the stream holds this lock for writing across each
+/// `read(2)` and records every Remove it read, and tasks hold it for reading
+/// across their ioctl after checking that no Remove overlapping their pages
+/// was read since they were planned (if one was, the fault is planned again,
+/// and the freed pages get zeros).
+#[derive(Debug, Default)]
+pub(crate) struct RemovalGate {
+    log: RwLock<RemovalLog>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RemovalLog {
+    generation: u64,
+    /// `(generation, start, end)` of recent removes, oldest first.
+    recent: VecDeque<(u64, usize, usize)>,
+}
+
+/// How many recent removes the gate remembers; a job older than that is
+/// planned again.
+const REMOVE_LOG: usize = 1024;
+
+impl RemovalGate {
+    /// Called by the stream with the write lock held, for every Remove in
+    /// the batch just read.
+    pub(crate) fn lock_for_read(&self) -> std::sync::RwLockWriteGuard<'_, RemovalLog> {
+        self.log.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.log
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+}
+
+impl RemovalLog {
+    pub(crate) fn record(&mut self, start: usize, end: usize) {
+        self.generation += 1;
+        self.recent.push_back((self.generation, start, end));
+        if self.recent.len() > REMOVE_LOG {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Whether a remove read after generation `since` overlaps `ranges`.
+    fn overlaps_since(
+        &self,
+        since: u64,
+        ranges: impl Iterator<Item = (usize, usize)> + Clone,
+    ) -> bool {
+        if self.generation == since {
+            return false;
+        }
+        if self.recent.front().is_none_or(|&(g, _, _)| g > since + 1) {
+            return true; // forgotten: assume the worst
+        }
+        self.recent
+            .iter()
+            .filter(|&&(g, _, _)| g > since)
+            .any(|&(_, s, e)| ranges.clone().any(|(a, b)| a < e && s < b))
+    }
+}
+
 /// What every task of one server shares.
 struct Shared<H> {
     uffd: AsyncUffd,
@@ -376,8 +476,9 @@ struct Shared<H> {
     prefetch: usize,
     concurrency: usize,
     batch: usize,
-    /// Whether `EVENT_REMOVE` tells the server about freed pages.
-    tracks_removal: bool,
+    /// With `EVENT_REMOVE`: the server is told about freed pages, and
+    /// resolutions must not race with them.
+    gate: Option<Arc<RemovalGate>>,
     /// Reusable page buffers.
     pool: Mutex<Vec<Vec<u8>>>,
 }
@@ -395,6 +496,9 @@ impl<H> Shared<H> {
     }
 
     fn put_buf(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < self.concurrency {
             pool.push(buf);
@@ -416,7 +520,8 @@ struct Run {
     done: usize,
 }
 
-/// One fault and the runs resolved for it.
+/// One fault and the runs resolved for it. Run 0 holds the faulting page;
+/// the others are prefetched around it.
 struct Job {
     fault: PageFault,
     page: usize,
@@ -433,6 +538,12 @@ struct Job {
     deadline: Option<Instant>,
     /// Pages served as zeros because they were removed (no handler).
     zero_fill: bool,
+    /// Whether the job counts in the reader's `inflight`.
+    counted: bool,
+    /// The removal generation the job was planned in.
+    generation: u64,
+    /// Bytes found already there (`EEXIST`): not served by this job.
+    existed: usize,
 }
 
 impl Job {
@@ -440,20 +551,32 @@ impl Job {
         &self.runs[..self.nruns]
     }
 
+    /// The lowest and highest byte of every run.
     fn span(&self) -> (usize, usize) {
-        let first = self.runs[0].addr;
-        let last = self
+        let lo = self
+            .runs()
+            .iter()
+            .map(|r| r.addr)
+            .min()
+            .unwrap_or(self.page);
+        let hi = self
             .runs()
             .iter()
             .map(|r| r.addr + r.len)
             .max()
-            .unwrap_or(first);
-        let lo = self.runs().iter().map(|r| r.addr).min().unwrap_or(first);
-        (lo, last)
+            .unwrap_or(self.page + self.page_size);
+        (lo, hi)
     }
 
+    /// Bytes this job resolved: its runs, less those dropped and those
+    /// found already there.
     fn bytes(&self) -> usize {
-        self.runs().iter().map(|r| r.len).sum()
+        self.runs()
+            .iter()
+            .filter(|r| r.resolution.is_some())
+            .map(|r| r.len)
+            .sum::<usize>()
+            - self.existed
     }
 }
 
@@ -463,6 +586,9 @@ enum Outcome {
     Park,
     Gone,
     Exited,
+    /// A Remove overlapping the job was read while it was in flight: plan
+    /// the fault again.
+    Replan,
     Failed(String),
 }
 
@@ -471,7 +597,9 @@ struct Done {
     outcome: Outcome,
 }
 
-/// Calls the handler for every run of `job` (once), then applies.
+/// Calls the handler for every run of `job` (once), then applies. A failed
+/// prefetch run is dropped; only a failure of the faulting page's run fails
+/// the job.
 async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     if !job.decided {
         for i in 0..job.nruns {
@@ -491,22 +619,31 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
             let result = AssertUnwindSafe(shared.handler.fault(&req, buf))
                 .catch_unwind()
                 .await;
-            let resolution = match result {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Outcome::Failed(handler_error(&req, &*e)),
+            let failure = match result {
+                Ok(Ok(r)) => {
+                    job.runs[i].resolution = Some(r);
+                    continue;
+                }
+                Ok(Err(e)) => handler_error(&req, &*e),
                 Err(panic) => {
                     let what = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
-                    return Outcome::Failed(format!(
+                    format!(
                         "the handler panicked serving {:#x}+{:#x}: {what}",
                         req.addr, req.len
-                    ));
+                    )
                 }
             };
-            job.runs[i].resolution = Some(resolution);
+            if i == 0 {
+                return Outcome::Failed(failure);
+            }
+            // A prefetch run is best effort: leave those pages missing.
+            Stats::add(&shared.stats.handler_failures, 1);
+            shared.stats.set_error(failure);
+            job.runs[i].resolution = None;
         }
         job.decided = true;
     }
@@ -520,17 +657,35 @@ fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) 
     )
 }
 
-/// [`apply`], and the statistics of a resolution at once, so that they are
-/// current by the time the woken thread runs.
+/// [`apply`] behind the removal gate, and the statistics of a resolution at
+/// once, so that they are current by the time the woken thread runs.
 fn apply_and_account<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
-    let outcome = apply(shared, job);
+    let outcome = match &shared.gate {
+        Some(gate) => {
+            let log = gate.log.read().unwrap_or_else(|p| p.into_inner());
+            let ranges = job.runs[..job.nruns]
+                .iter()
+                .map(|r| (r.addr, r.addr + r.len));
+            if !job.zero_fill && log.overlaps_since(job.generation, ranges) {
+                return Outcome::Replan;
+            }
+            // Hold the gate across the ioctls: no Remove is read meanwhile.
+            let outcome = apply(shared, job);
+            drop(log);
+            outcome
+        }
+        None => apply(shared, job),
+    };
     if let Outcome::Resolved = outcome {
         let stats = &shared.stats;
         let bytes = job.bytes();
         let pages = (bytes / job.page_size) as u64;
         Stats::add(&stats.pages_served, pages);
         Stats::add(&stats.bytes_served, bytes as u64);
-        if job.zero_fill {
+        if job.zero_fill && pages == 0 {
+            // The page was there: a duplicate fault, only woken.
+            Stats::add(&stats.duplicates, 1);
+        } else if job.zero_fill {
             Stats::add(&stats.pages_zeroed_after_remove, pages);
         } else {
             Stats::add(&stats.pages_prefetched, pages.saturating_sub(1));
@@ -540,7 +695,9 @@ fn apply_and_account<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     outcome
 }
 
-/// Applies the decided resolutions of `job`; resumable after a park.
+/// Applies the decided resolutions of `job`; resumable after a park. Run 0
+/// (the faulting page) wakes its waiters itself; prefetch runs are applied
+/// with `DONTWAKE` and woken with one `WAKE` at the end.
 fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     let uffd = &*shared.uffd;
     let multi = job.nruns > 1;
@@ -550,6 +707,7 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
         let Some(resolution) = run.resolution else {
             continue;
         };
+        let dontwake = multi && i > 0;
         let mut done = run.done;
         while done < run.len {
             let addr = run.addr + done;
@@ -557,7 +715,7 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
             let result = match resolution {
                 Resolution::Copy => {
                     let from = run.buf_off + done;
-                    let flags = if multi {
+                    let flags = if dontwake {
                         CopyFlags::DONTWAKE
                     } else {
                         CopyFlags::empty()
@@ -566,16 +724,15 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                 }
                 Resolution::Zero if page_size > shared.page_size => {
                     // hugetlbfs has no zeropage: copy zeros.
-                    let zeros = vec![0u8; len];
-                    let flags = if multi {
+                    let flags = if dontwake {
                         CopyFlags::DONTWAKE
                     } else {
                         CopyFlags::empty()
                     };
-                    uffd.copy(addr, &zeros, flags)
+                    uffd.copy(addr, &vec![0u8; len], flags)
                 }
                 Resolution::Zero => {
-                    let flags = if multi {
+                    let flags = if dontwake {
                         ZeropageFlags::DONTWAKE
                     } else {
                         ZeropageFlags::empty()
@@ -583,7 +740,7 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                     uffd.zeropage(addr, len, flags)
                 }
                 Resolution::Continue => {
-                    let flags = if multi {
+                    let flags = if dontwake {
                         ContinueFlags::DONTWAKE
                     } else {
                         ContinueFlags::empty()
@@ -591,7 +748,7 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                     uffd.continue_range(addr, len, flags)
                 }
                 Resolution::Unprotect => {
-                    let flags = if multi {
+                    let flags = if dontwake {
                         UnprotectFlags::DONTWAKE
                     } else {
                         UnprotectFlags::empty()
@@ -608,8 +765,11 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                         // Already there (EEXIST does not wake): wake it and
                         // go on with the rest of the run.
                         Stats::add(&shared.stats.eexist, 1);
-                        let _ = uffd.wake(addr, page_size);
+                        if !dontwake {
+                            let _ = uffd.wake(addr, page_size);
+                        }
                         done += page_size;
+                        job.existed += page_size;
                     }
                     ErrorKind::Retry if e.bytes_done() > 0 => done += e.bytes_done(),
                     ErrorKind::Retry => {
@@ -617,8 +777,18 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                         job.runs[i].done = done;
                         return Outcome::Park;
                     }
-                    ErrorKind::RangeGone => return Outcome::Gone,
-                    ErrorKind::ProcessExited => return Outcome::Exited,
+                    ErrorKind::RangeGone | ErrorKind::ProcessExited => {
+                        job.runs[i].done = done;
+                        // Whoever waits anywhere in the job refaults (or
+                        // goes away with its process).
+                        let (lo, hi) = job.span();
+                        let _ = uffd.wake(lo, hi - lo);
+                        return if e.kind() == ErrorKind::RangeGone {
+                            Outcome::Gone
+                        } else {
+                            Outcome::Exited
+                        };
+                    }
                     _ => {
                         job.runs[i].done = done;
                         return Outcome::Failed(e.to_string());
@@ -663,7 +833,6 @@ struct Reader<H> {
     permits: Arc<Semaphore>,
     tids: HashSet<u32>,
     last_tid: u32,
-    children: JoinSet<Result<ServerExit>>,
     /// The stop signal, shared with the servers of forked children.
     stop: watch::Receiver<bool>,
 }
@@ -688,16 +857,32 @@ impl<H: FaultHandler> Reader<H> {
             permits,
             tids,
             last_tid: 0,
-            children: JoinSet::new(),
             stop,
         }
     }
 
+    /// The loop: read events and completions until stopped, then finish
+    /// what is in flight (reading events only while parked work needs the
+    /// queue drained), then end. Errors end it at once; tasks in flight
+    /// still finish their own faults.
     async fn run(mut self, mut stream: EventStream) -> Result<ServerExit> {
+        if let Some(gate) = &self.shared.gate {
+            stream.set_removal_gate(gate.clone());
+        }
+        // Resolves once the stop signal is given (or its sender is gone).
         let mut stop = self.stop.clone();
-        let exit = loop {
-            if *stop.borrow() {
-                break ServerExit::Stopped;
+        let stop_signal = async move {
+            while !*stop.borrow_and_update() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::pin!(stop_signal);
+        let mut stopping = false;
+        loop {
+            if stopping && self.inflight == 0 && self.parked.is_empty() {
+                return Ok(ServerExit::Stopped);
             }
             let tid = thread_id();
             if tid != self.last_tid {
@@ -705,79 +890,48 @@ impl<H: FaultHandler> Reader<H> {
                 self.tids.insert(tid);
             }
             let retry_at = self.parked.iter().filter_map(|j| j.deadline).min();
-            tokio::select! {
+            let reading = !stopping || !self.parked.is_empty();
+            let step = tokio::select! {
                 biased;
-                Some(done) = self.rx.recv() => {
-                    if let Some(exit) = self.finish(done).await? {
-                        break exit;
-                    }
+                Some(done) = self.rx.recv() => self.finish(done).await,
+                event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
+                _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
+                () = &mut stop_signal, if !stopping => {
+                    stopping = true;
+                    Ok(None)
                 }
-                event = stream.next_event() => {
-                    let event = event?;
-                    if let Some(exit) = self.on_event(event).await? {
-                        break exit;
-                    }
-                    // Drain what is queued before retrying parked work: the
-                    // event that makes it fail may be among it.
-                    while let Some(event) = stream.try_next_event()? {
-                        if let Some(exit) = self.on_event(event).await? {
-                            return self.wind_down(exit).await;
-                        }
-                    }
-                    if let Some(exit) = self.retry_parked().await? {
-                        break exit;
-                    }
-                }
-                _ = sleep_until_retry(retry_at), if retry_at.is_some() => {
-                    if let Some(exit) = self.retry_parked().await? {
-                        break exit;
-                    }
-                }
-                _ = stop.changed() => {}
+            };
+            if let Some(exit) = step? {
+                return Ok(exit);
             }
-        };
-        self.wind_down(exit).await
+        }
     }
 
-    /// Finishes the faults in flight, then the forked children's servers.
-    async fn wind_down(mut self, exit: ServerExit) -> Result<ServerExit> {
-        let deadline = Instant::now() + self.shared.retry_timeout;
-        while self.inflight > 0 || !self.parked.is_empty() {
-            let retry_at = if self.parked.is_empty() {
-                None
+    /// Handles an event just read, then the rest of its batch, then retries
+    /// parked work.
+    async fn after_read(
+        &mut self,
+        event: Result<Event>,
+        stream: &mut EventStream,
+    ) -> Result<Option<ServerExit>> {
+        if let Some(exit) = self.on_event(event?).await? {
+            return Ok(Some(exit));
+        }
+        // The rest of the batch. Only with parked work is the kernel's queue
+        // drained too (the event that makes it fail may be there); otherwise
+        // that would cost a read(2) per fault.
+        loop {
+            let next = if self.parked.is_empty() {
+                stream.next_buffered().transpose()?
             } else {
-                Some(Instant::now() + Duration::from_millis(1))
+                stream.try_next_event()?
             };
-            tokio::select! {
-                Some(done) = self.rx.recv() => {
-                    self.finish(done).await?;
-                }
-                _ = sleep_until_retry(retry_at), if retry_at.is_some() => {
-                    if Instant::now() > deadline {
-                        for mut job in std::mem::take(&mut self.parked) {
-                            self.fail(&mut job, "the server stopped while the resolution kept failing with EAGAIN".into())?;
-                        }
-                    } else {
-                        self.retry_parked().await?;
-                    }
-                }
+            let Some(event) = next else { break };
+            if let Some(exit) = self.on_event(event).await? {
+                return Ok(Some(exit));
             }
         }
-        // Children stop with the parent (they share the stop signal).
-        while let Some(child) = self.children.join_next().await {
-            match child {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => self
-                    .shared
-                    .stats
-                    .set_error(format!("a forked child's server failed: {e}")),
-                Err(e) => self
-                    .shared
-                    .stats
-                    .set_error(format!("a forked child's server panicked: {e}")),
-            }
-        }
-        Ok(exit)
+        self.retry_parked().await
     }
 
     async fn on_event(&mut self, event: Event) -> Result<Option<ServerExit>> {
@@ -810,6 +964,9 @@ impl<H: FaultHandler> Reader<H> {
         Ok(None)
     }
 
+    /// Serves a forked child with the same handler and a copy of the page
+    /// state, in a task of its own that ends with the parent's stop signal
+    /// (or when the child's process is found gone).
     fn serve_child(&mut self, uffd: crate::Uffd) -> Result<()> {
         let uffd = AsyncUffd::new(uffd)?;
         let mut layout = self.layout.clone();
@@ -824,6 +981,7 @@ impl<H: FaultHandler> Reader<H> {
                 }
             }
         }
+        let tracks_removal = uffd.features().contains(Features::EVENT_REMOVE);
         let shared = Arc::new(Shared {
             uffd: uffd.clone(),
             handler: self.shared.handler.clone(),
@@ -835,19 +993,23 @@ impl<H: FaultHandler> Reader<H> {
             prefetch: self.shared.prefetch,
             concurrency: self.shared.concurrency,
             batch: self.shared.batch,
-            tracks_removal: self.shared.tracks_removal,
+            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
             pool: Mutex::new(Vec::new()),
         });
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
-        // The child's server stops when the parent's is told to.
         let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone());
-        self.children.spawn(reader.run(stream));
+        let stats = self.shared.stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = reader.run(stream).await {
+                stats.set_error(format!("a forked child's server failed: {e}"));
+            }
+        });
         Ok(())
     }
 
     async fn on_fault(&mut self, fault: PageFault) -> Result<Option<ServerExit>> {
         let read_at = Instant::now();
-        let stats = self.shared.stats.clone();
+        let stats = &self.shared.stats;
         match fault.kind() {
             FaultKind::Missing => Stats::add(&stats.missing, 1),
             FaultKind::WriteProtect => Stats::add(&stats.write_protect, 1),
@@ -863,15 +1025,31 @@ impl<H: FaultHandler> Reader<H> {
                 ));
             }
         }
-        let Some(mut job) = self.plan(fault, read_at) else {
+        let Some(job) = self.plan(fault, read_at) else {
             // A duplicate: the resolution in flight (or done) wakes it.
-            Stats::add(&stats.duplicates, 1);
+            Stats::add(&self.shared.stats.duplicates, 1);
             return Ok(None);
         };
+        self.start(job).await
+    }
+
+    /// Runs `job`: first polled right here (a handler that is ready at once
+    /// costs no task and no wake-up), then, if it has to wait, in a task of
+    /// its own under the concurrency limit.
+    async fn start(&mut self, mut job: Job) -> Result<Option<ServerExit>> {
         if job.zero_fill {
             // Freed pages: zeros, without the handler.
             let outcome = apply_and_account(&self.shared, &mut job);
             return self.finish(Done { job, outcome }).await;
+        }
+        let shared = self.shared.clone();
+        let mut work = Box::pin(async move {
+            let outcome = execute(&shared, &mut job).await;
+            Done { job, outcome }
+        });
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        if let Poll::Ready(done) = first {
+            return self.finish(done).await;
         }
         let permit = self
             .permits
@@ -880,12 +1058,12 @@ impl<H: FaultHandler> Reader<H> {
             .await
             .expect("the semaphore is never closed");
         self.inflight += 1;
-        let shared = self.shared.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let outcome = execute(&shared, &mut job).await;
+            let mut done = work.await;
+            done.job.counted = true;
             drop(permit);
-            let _ = tx.send(Done { job, outcome });
+            let _ = tx.send(done);
         });
         Ok(None)
     }
@@ -893,13 +1071,14 @@ impl<H: FaultHandler> Reader<H> {
     /// Decides what to resolve for `fault`; `None` for a duplicate.
     fn plan(&mut self, fault: PageFault, read_at: Instant) -> Option<Job> {
         let base = self.shared.page_size;
+        let generation = self.shared.gate.as_ref().map_or(0, |g| g.generation());
         let Some(ri) = self.layout.find(fault.address) else {
             // Outside every region: the page alone, base page size.
             let page = fault.page_start(base);
             if !self.loose_inflight.insert(page) {
                 return None;
             }
-            let mut job = self.new_job(fault, page, base, 0, read_at);
+            let mut job = new_job(fault, page, base, 0, read_at, generation);
             job.runs[0] = Run {
                 addr: page,
                 len: base,
@@ -919,31 +1098,15 @@ impl<H: FaultHandler> Reader<H> {
             return None;
         }
         let missing = fault.kind() == FaultKind::Missing;
-        if missing && rs.served.get(idx) && self.shared.tracks_removal {
-            // Served since the fault was raised: just wake the thread.
-            // (Only with EVENT_REMOVE: without it a page freed by
-            // MADV_DONTNEED still looks served, and waking alone would make
-            // its thread fault for ever.)
-            let _ = self.shared.uffd.wake(page, ps);
-            return None;
-        }
-        let mut job = Job {
-            fault,
-            page,
-            page_size: ps,
-            source: region.source,
-            read_at,
-            runs: [Run::default(); MAX_RUNS],
-            nruns: 0,
-            buf: Vec::new(),
-            attempt: 0,
-            decided: false,
-            deadline: None,
-            zero_fill: false,
-        };
         let offset_of = |addr: usize| region.offset + (addr - region.start) as u64;
-        if missing && rs.removed.get(idx) {
-            // Freed by the owner: zeros, never the stale image.
+        let mut job = new_job(fault, page, ps, region.source, read_at, generation);
+        if missing && (rs.removed.get(idx) || rs.served.get(idx)) {
+            // Freed by the owner (a Remove): zeros, never the stale image.
+            // Or served already: either a duplicate queued before it was
+            // (the zeropage finds the page there, EEXIST, and only wakes),
+            // or freed since without an event the server was told of (a
+            // MADV_DONTNEED without EVENT_REMOVE, a hole punched in shmem),
+            // where zeros are what the kernel itself would map.
             job.runs[0] = Run {
                 addr: page,
                 len: ps,
@@ -976,8 +1139,6 @@ impl<H: FaultHandler> Reader<H> {
         while end < hi && free(end) {
             end += 1;
         }
-        // The faulting page's run first, then the other free runs of the
-        // window, as many as fit.
         let mut buf_off = 0;
         let mut push = |job: &mut Job, s: usize, e: usize| {
             let addr = region.start + s * ps;
@@ -1013,32 +1174,8 @@ impl<H: FaultHandler> Reader<H> {
         Some(job)
     }
 
-    fn new_job(
-        &self,
-        fault: PageFault,
-        page: usize,
-        ps: usize,
-        source: usize,
-        read_at: Instant,
-    ) -> Job {
-        Job {
-            fault,
-            page,
-            page_size: ps,
-            source,
-            read_at,
-            runs: [Run::default(); MAX_RUNS],
-            nruns: 0,
-            buf: Vec::new(),
-            attempt: 0,
-            decided: false,
-            deadline: None,
-            zero_fill: false,
-        }
-    }
-
-    /// Marks the pages of `job` no longer in flight, and served if
-    /// `served`.
+    /// Marks the pages of `job` no longer in flight, and served where
+    /// `served` and the run was resolved.
     fn settle(&mut self, job: &Job, served: bool) {
         for run in job.runs() {
             let mut addr = run.addr;
@@ -1051,7 +1188,8 @@ impl<H: FaultHandler> Reader<H> {
                 let rs = &mut self.layout.regions[ri];
                 let idx = rs.page_index(addr);
                 rs.inflight.set(idx, false);
-                if served && run.resolution.is_some_and(|r| r != Resolution::Poison) {
+                let resolved = run.resolution.is_some_and(|r| r != Resolution::Poison);
+                if served && resolved && !rs.removed.get(idx) || served && job.zero_fill {
                     rs.served.set(idx, true);
                 }
                 addr += rs.region.page_size;
@@ -1061,10 +1199,10 @@ impl<H: FaultHandler> Reader<H> {
 
     async fn finish(&mut self, done: Done) -> Result<Option<ServerExit>> {
         let Done { mut job, outcome } = done;
-        if !job.zero_fill && job.deadline.is_none() {
+        if job.counted {
+            job.counted = false;
             self.inflight -= 1;
         }
-        let stats = self.shared.stats.clone();
         match outcome {
             Outcome::Resolved => {
                 // Counted where it was applied.
@@ -1077,6 +1215,15 @@ impl<H: FaultHandler> Reader<H> {
                 }
                 self.parked.push(job);
             }
+            Outcome::Replan => {
+                // Plan the fault again: the freed pages are zeros now.
+                self.settle(&job, false);
+                self.shared.put_buf(std::mem::take(&mut job.buf));
+                let fault = job.fault;
+                if let Some(job) = self.plan(fault, job.read_at) {
+                    return Box::pin(self.start(job)).await;
+                }
+            }
             Outcome::Gone => {
                 self.settle(&job, false);
                 self.shared.put_buf(std::mem::take(&mut job.buf));
@@ -1086,10 +1233,11 @@ impl<H: FaultHandler> Reader<H> {
                 return Ok(Some(ServerExit::ProcessExited));
             }
             Outcome::Failed(reason) => {
+                let stats = &self.shared.stats;
                 Stats::add(&stats.handler_failures, 1);
                 stats.set_error(reason.clone());
                 if let FailurePolicy::Retry { attempts, backoff } = self.shared.failure {
-                    if job.attempt < attempts {
+                    if job.attempt < attempts && !job.zero_fill {
                         job.attempt += 1;
                         job.decided = false;
                         job.deadline = None;
@@ -1101,7 +1249,7 @@ impl<H: FaultHandler> Reader<H> {
                         return Ok(None);
                     }
                 }
-                self.fail(&mut job, reason)?;
+                return self.fail(job, reason);
             }
         }
         Ok(None)
@@ -1120,21 +1268,22 @@ impl<H: FaultHandler> Reader<H> {
         tokio::spawn(async move {
             tokio::time::sleep(backoff).await;
             let outcome = execute(&shared, &mut job).await;
+            job.counted = true;
             drop(permit);
             let _ = tx.send(Done { job, outcome });
         });
     }
 
-    /// Applies the failure policy to a job that cannot be resolved.
-    fn fail(&mut self, job: &mut Job, reason: String) -> Result<()> {
-        self.settle(job, false);
-        let stats = &self.shared.stats;
-        let uffd = &self.shared.uffd;
-        // Pages fetched around the fault are not the thread's problem:
-        // wake whoever waits there so they fault again.
+    /// Applies the failure policy to a job that cannot be resolved: the
+    /// faulting page is poisoned (parked like any resolution if the address
+    /// space is changing), the rest of the window woken so its waiters
+    /// fault again.
+    fn fail(&mut self, mut job: Job, reason: String) -> Result<Option<ServerExit>> {
+        self.settle(&job, false);
+        let uffd = self.shared.uffd.clone();
         let (lo, hi) = job.span();
-        let _ = uffd.wake(lo, hi - lo);
         if self.shared.failure == FailurePolicy::Stop {
+            let _ = uffd.wake(lo, hi - lo);
             return Err(Error::Handler {
                 addr: job.fault.address,
                 reason,
@@ -1142,17 +1291,35 @@ impl<H: FaultHandler> Reader<H> {
         }
         let has_poison = uffd.features().contains(Features::POISON)
             || uffd.available_features().contains(Features::POISON);
-        match uffd.poison(job.page, job.page_size, PoisonFlags::empty()) {
+        // Poison first: a woken faulting thread would only fault again.
+        let result = uffd.poison(job.page, job.page_size, PoisonFlags::empty());
+        let _ = uffd.wake(lo, hi - lo);
+        match result {
             Ok(_) => {
-                Stats::add(&stats.poisoned, 1);
-                Ok(())
+                Stats::add(&self.shared.stats.poisoned, 1);
+                Ok(None)
             }
-            // Someone else resolved it meanwhile: it has data, wake it.
-            Err(e) if e.kind() == ErrorKind::Exists => {
-                let _ = uffd.wake(job.page, job.page_size);
-                Ok(())
+            Err(e) if e.kind() == ErrorKind::Retry => {
+                // An event is pending: park the poisoning itself.
+                job.runs[0] = Run {
+                    addr: job.page,
+                    len: job.page_size,
+                    resolution: Some(Resolution::Poison),
+                    ..Run::default()
+                };
+                job.nruns = 1;
+                job.decided = true;
+                job.zero_fill = true; // no handler, no gate check
+                job.deadline = Some(Instant::now() + self.shared.retry_timeout);
+                self.mark_inflight(&job);
+                self.parked.push(job);
+                Ok(None)
             }
-            Err(e) if matches!(e.kind(), ErrorKind::RangeGone | ErrorKind::ProcessExited) => Ok(()),
+            // Someone else resolved it meanwhile: it has data, and it was woken.
+            Err(e) if e.kind() == ErrorKind::Exists => Ok(None),
+            Err(e) if matches!(e.kind(), ErrorKind::RangeGone | ErrorKind::ProcessExited) => {
+                Ok(None)
+            }
             Err(e) => Err(Error::Handler {
                 addr: job.fault.address,
                 reason: if has_poison {
@@ -1161,6 +1328,16 @@ impl<H: FaultHandler> Reader<H> {
                     format!("{reason}; the kernel cannot poison the page (needs 6.6+): {e}")
                 },
             }),
+        }
+    }
+
+    fn mark_inflight(&mut self, job: &Job) {
+        if let Some(ri) = self.layout.find(job.page) {
+            let rs = &mut self.layout.regions[ri];
+            let idx = rs.page_index(job.page);
+            rs.inflight.set(idx, true);
+        } else {
+            self.loose_inflight.insert(job.page);
         }
     }
 
@@ -1173,17 +1350,23 @@ impl<H: FaultHandler> Reader<H> {
             let outcome = apply_and_account(&self.shared, &mut job);
             match outcome {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
-                    Stats::add(&self.shared.stats.handler_failures, 1);
                     let reason = format!(
                         "the resolution at {:#x} kept failing with EAGAIN for {:?}",
                         job.page, self.shared.retry_timeout
                     );
-                    self.fail(&mut job, reason)?;
+                    if job.runs[0].resolution == Some(Resolution::Poison) {
+                        // Even poisoning cannot get through: give up on it.
+                        self.settle(&job, false);
+                        self.shared.stats.set_error(reason);
+                        continue;
+                    }
+                    Stats::add(&self.shared.stats.handler_failures, 1);
+                    if let Some(exit) = self.fail(job, reason)? {
+                        return Ok(Some(exit));
+                    }
                 }
                 Outcome::Park => self.parked.push(job),
                 outcome => {
-                    // Parked jobs were already taken off the in-flight count.
-                    job.deadline = job.deadline.or(Some(now));
                     if let Some(exit) = self.finish(Done { job, outcome }).await? {
                         return Ok(Some(exit));
                     }
@@ -1191,6 +1374,33 @@ impl<H: FaultHandler> Reader<H> {
             }
         }
         Ok(None)
+    }
+}
+
+fn new_job(
+    fault: PageFault,
+    page: usize,
+    page_size: usize,
+    source: usize,
+    read_at: Instant,
+    generation: u64,
+) -> Job {
+    Job {
+        fault,
+        page,
+        page_size,
+        source,
+        read_at,
+        runs: [Run::default(); MAX_RUNS],
+        nruns: 0,
+        buf: Vec::new(),
+        attempt: 0,
+        decided: false,
+        deadline: None,
+        zero_fill: false,
+        counted: false,
+        generation,
+        existed: 0,
     }
 }
 

@@ -209,12 +209,13 @@ pub struct StatsSnapshot {
     pub bytes_served: u64,
     /// Pages resolved ahead of a fault (fault-around).
     pub pages_prefetched: u64,
-    /// Pages served as zeros because they were freed (`Remove`).
+    /// Pages served as zeros because they were freed (`Remove`, or found
+    /// missing again after being served).
     pub pages_zeroed_after_remove: u64,
     /// Resolutions that found the page already there (`EEXIST`).
     pub eexist: u64,
-    /// Resolutions retried because the address space was changing
-    /// (`EAGAIN`).
+    /// Resolution attempts that failed because the address space was
+    /// changing (`EAGAIN`); a parked resolution counts once per retry.
     pub eagain: u64,
     /// Handler errors and panics.
     pub handler_failures: u64,
