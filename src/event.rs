@@ -345,6 +345,29 @@ impl EventBuffer {
         })
     }
 
+    /// Appends a raw message as if it had been read from `uffd` (for
+    /// replaying recorded messages, and for tests and fuzzers). Returns
+    /// `false`, and takes nothing, when the buffer is full.
+    ///
+    /// # Safety
+    ///
+    /// If the message is a fork (`UFFD_EVENT_FORK`), its `ufd` field must
+    /// be an open fd that the caller owns and hands over: the buffer closes
+    /// it if the event is never taken, and the event owns it if it is.
+    pub unsafe fn push_message(&mut self, bytes: &[u8; 32], uffd: &Uffd) -> bool {
+        if self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+        }
+        if self.tail == self.msgs.len() {
+            return false;
+        }
+        self.msgs[self.tail] = MaybeUninit::new(sys::uffd_msg::from_bytes(bytes));
+        self.tail += 1;
+        self.parent = Some(uffd.parent());
+        true
+    }
+
     /// Appends a message as if it had been read (tests of decoding).
     #[cfg(test)]
     fn push_for_test(&mut self, msg: sys::uffd_msg, parent: Parent) {
