@@ -6,7 +6,9 @@ mod harness;
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use harness::{Op, Path, Pin, Side};
 
 fn latency(c: &mut Criterion) {
@@ -36,6 +38,7 @@ fn latency(c: &mut Criterion) {
 
 fn throughput(c: &mut Criterion) {
     let mut g = c.benchmark_group("throughput");
+    g.sampling_mode(SamplingMode::Flat);
     g.warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))
         .sample_size(10);
@@ -53,6 +56,7 @@ fn throughput(c: &mut Criterion) {
 
 fn fault_around(c: &mut Criterion) {
     let mut g = c.benchmark_group("fault-around 256 MiB");
+    g.sampling_mode(SamplingMode::Flat);
     g.warm_up_time(Duration::from_millis(100))
         .measurement_time(Duration::from_secs(3))
         .sample_size(10)
@@ -73,6 +77,7 @@ fn fault_around(c: &mut Criterion) {
 
 fn slow_source(c: &mut Criterion) {
     let mut g = c.benchmark_group("slow source 200us");
+    g.sampling_mode(SamplingMode::Flat);
     g.warm_up_time(Duration::from_millis(100))
         .measurement_time(Duration::from_secs(2))
         .sample_size(10);

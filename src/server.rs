@@ -779,10 +779,10 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                     }
                     ErrorKind::RangeGone | ErrorKind::ProcessExited => {
                         job.runs[i].done = done;
-                        // Whoever waits anywhere in the job refaults (or
-                        // goes away with its process).
-                        let (lo, hi) = job.span();
-                        let _ = uffd.wake(lo, hi - lo);
+                        // The reader wakes the job's span once it has
+                        // cleared the pages' in-flight marks: woken first,
+                        // a thread could fault again and be taken for a
+                        // duplicate of this finished job.
                         return if e.kind() == ErrorKind::RangeGone {
                             Outcome::Gone
                         } else {
@@ -1226,6 +1226,10 @@ impl<H: FaultHandler> Reader<H> {
             }
             Outcome::Gone => {
                 self.settle(&job, false);
+                // Whoever waits anywhere in the job faults again (or finds
+                // the memory gone).
+                let (lo, hi) = job.span();
+                let _ = self.shared.uffd.wake(lo, hi - lo);
                 self.shared.put_buf(std::mem::take(&mut job.buf));
             }
             Outcome::Exited => {

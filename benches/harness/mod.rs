@@ -77,10 +77,8 @@ fn raw_uffd(nonblock: bool, addr: usize, len: usize) -> OwnedFd {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API with its argument.
-    assert_eq!(
-        unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) };
+    assert_eq!(rc, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
     let mut reg = RawRegister {
         start: addr as u64,
         len: len as u64,

@@ -319,3 +319,103 @@ pub fn run_child_test(name: &str, env: &[(&str, &str)]) -> std::process::ExitSta
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The byte at `offset` of the test image (served by `MemorySource`s in
+/// the server tests): it varies with the offset and the page number.
+pub fn image_byte(offset: usize) -> u8 {
+    (offset as u8) ^ ((offset >> 12) as u8).wrapping_mul(13) ^ 0x5a
+}
+
+/// The first `len` bytes of the test image.
+pub fn image(len: usize) -> Vec<u8> {
+    (0..len).map(image_byte).collect()
+}
+
+/// A userfaultfd with `required` features and a fresh anonymous mapping of
+/// `pages` base pages registered for missing faults, or None (loudly).
+pub fn registered_anon(pages: usize, required: Features) -> Option<(Uffd, Mapping)> {
+    let uffd = uffd_with(required)?;
+    let len = pages * uffd.page_size();
+    let mem = Mapping::anon(len);
+    // SAFETY: a fresh mapping, touched only by the test's threads, whose
+    // faults the test resolves.
+    unsafe { uffd.register(mem.addr, len, tokio_uffd::RegisterMode::MISSING) }.unwrap();
+    Some((uffd, mem))
+}
+
+/// A Tokio runtime with two worker threads.
+pub fn multi_thread_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A Tokio runtime on the calling thread only.
+pub fn current_thread_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `madvise(MADV_DONTNEED)` on `addr..addr + len`; panics if it fails.
+pub fn dontneed(addr: usize, len: usize) {
+    // SAFETY: tests pass ranges of their own mappings.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+}
+
+/// Reads the byte at `addr` on a thread of its own (the read may fault and
+/// sleep); the byte arrives on the returned channel.
+pub fn start_read(addr: usize) -> std::sync::mpsc::Receiver<u8> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_at(addr));
+    });
+    rx
+}
+
+/// Reads the byte at `addr` on a thread of its own; `None` if the read does
+/// not return within `timeout` (the thread is left asleep).
+pub fn read_within(addr: usize, timeout: Duration) -> Option<u8> {
+    start_read(addr).recv_timeout(timeout).ok()
+}
+
+/// Waits until `cond` holds, checking every millisecond, at most `BOUND`;
+/// panics naming `what` if it never does.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + BOUND;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {BOUND:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stops a server (at most `BOUND`), checks that it ended with
+/// `ServerExit::Stopped`, and returns its final statistics.
+pub async fn final_stats(handle: tokio_uffd::ServerHandle) -> tokio_uffd::StatsSnapshot {
+    let stats = handle.stats_ref();
+    let exit = tokio::time::timeout(BOUND, handle.shutdown())
+        .await
+        .unwrap_or_else(|_| panic!("the server did not stop within {BOUND:?}"))
+        .unwrap();
+    assert_eq!(exit, tokio_uffd::ServerExit::Stopped);
+    stats.snapshot()
+}
+
+/// Runs `f` on a thread of its own and returns its result, waiting at most
+/// `BOUND`: for calls that sleep in the kernel until a userfaultfd event is
+/// read (`madvise` or `munmap` with `EVENT_REMOVE` or `EVENT_UNMAP`).
+pub fn run_bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    join_bounded(what, std::thread::spawn(f))
+}
+
+/// Joins `thread`, waiting at most `BOUND`; a panic in it goes on here.
+pub fn join_bounded<T>(what: &str, thread: std::thread::JoinHandle<T>) -> T {
+    wait_until(what, || thread.is_finished());
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
