@@ -62,6 +62,12 @@ fn main() {
         .map(|i| args[i + 1].clone())
         .unwrap_or_else(|| "target/bench-summary.md".into());
 
+    // `--only WORD` runs the groups whose name contains WORD.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args[i + 1].clone());
+    let run = |group: &str| only.as_ref().is_none_or(|o| group.contains(o.as_str()));
     let mut rows = Vec::new();
     let faults = 2000;
     let paths = [
@@ -71,6 +77,9 @@ fn main() {
         (Path::Server, "<= 1.30"),
     ];
     for (op, opn) in [(Op::Copy, "copy"), (Op::Zero, "zeropage")] {
+        if !run("fault latency") {
+            break;
+        }
         for (pin, pinn) in [(Pin::SameCore, "same core"), (Pin::OtherCore, "other core")] {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / faults as f64;
             let floor = per(med(|| harness::latency(Path::RawRead, op, pin, faults)));
@@ -101,7 +110,11 @@ fn main() {
     }
 
     // Syscalls per fault (copy, other core), counted with strace.
-    let floor_calls = syscalls_per_fault("raw");
+    let floor_calls = if run("fault latency") {
+        syscalls_per_fault("raw")
+    } else {
+        None
+    };
     for row in rows
         .iter_mut()
         .filter(|r| r.case.starts_with("copy, other core"))
@@ -121,6 +134,9 @@ fn main() {
     }
 
     for threads in [1usize, 2, 4] {
+        if !run("throughput") {
+            break;
+        }
         let per = 2000;
         let rate = |d: Duration| (threads * per) as f64 / d.as_secs_f64();
         let floor = rate(med(|| harness::throughput(Side::Raw, threads, per)));
@@ -139,6 +155,9 @@ fn main() {
 
     let mib = 64;
     for window in [1usize, 16, 512] {
+        if !run("fault-around") {
+            break;
+        }
         let rate = |d: Duration| mib as f64 / d.as_secs_f64();
         let floor = rate(median(
             (0..3)
@@ -164,6 +183,9 @@ fn main() {
 
     let mut one = (0.0, 0.0);
     for threads in [1usize, 4, 16] {
+        if !run("slow source") {
+            break;
+        }
         let per = 40;
         let rate = |d: Duration| (threads * per) as f64 / d.as_secs_f64();
         let floor = rate(median(

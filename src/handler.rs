@@ -74,6 +74,14 @@ pub trait FaultHandler: Send + Sync + 'static {
         buf: &'a mut [u8],
     ) -> impl Future<Output = Result<Resolution, HandlerError>> + Send + 'a;
 
+    /// The contents of `req` if they are already in memory: the server then
+    /// copies them straight into the page (`UFFDIO_COPY` from this slice)
+    /// and does not call [`fault`](Self::fault). The default is `None`.
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        let _ = req;
+        None
+    }
+
     /// Pages in `start..end` were freed (`MADV_DONTNEED`/`MADV_REMOVE`). The
     /// server serves zeros there from now on.
     fn on_remove(&self, start: usize, end: usize) {
@@ -126,6 +134,13 @@ impl<S: PageSource> SourceHandler<S> {
 }
 
 impl<S: PageSource> FaultHandler for SourceHandler<S> {
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        if req.kind != FaultKind::Missing {
+            return None;
+        }
+        self.sources.get(req.source)?.bytes_at(req.offset, req.len)
+    }
+
     async fn fault<'a>(
         &'a self,
         req: &'a FaultRequest,

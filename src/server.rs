@@ -516,6 +516,8 @@ struct Run {
     /// Where the run's bytes start in the job's buffer.
     buf_off: usize,
     resolution: Option<Resolution>,
+    /// Copy straight from the handler's `bytes_for`, not from the buffer.
+    direct: bool,
     /// Bytes applied so far.
     done: usize,
 }
@@ -531,6 +533,8 @@ struct Job {
     runs: [Run; MAX_RUNS],
     nruns: usize,
     buf: Vec<u8>,
+    /// Bytes of buffer the runs need, taken only when a handler fills one.
+    buf_len: usize,
     attempt: u32,
     /// Set once the handler has decided every run.
     decided: bool,
@@ -604,17 +608,15 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
     if !job.decided {
         for i in 0..job.nruns {
             let run = job.runs[i];
-            let req = FaultRequest {
-                addr: run.addr,
-                len: run.len,
-                page_size: job.page_size,
-                fault_addr: job.fault.address,
-                kind: job.fault.kind(),
-                write: job.fault.is_write(),
-                thread_id: job.fault.thread_id,
-                source: job.source,
-                offset: run.offset,
-            };
+            let req = request(job, &run);
+            if shared.handler.bytes_for(&req).is_some() {
+                job.runs[i].resolution = Some(Resolution::Copy);
+                job.runs[i].direct = true;
+                continue;
+            }
+            if job.buf.len() < job.buf_len {
+                job.buf = shared.take_buf(job.buf_len);
+            }
             let buf = &mut job.buf[run.buf_off..run.buf_off + run.len];
             let result = AssertUnwindSafe(shared.handler.fault(&req, buf))
                 .catch_unwind()
@@ -650,6 +652,21 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
     apply_and_account(shared, job)
 }
 
+/// The handler's view of one run of `job`.
+fn request(job: &Job, run: &Run) -> FaultRequest {
+    FaultRequest {
+        addr: run.addr,
+        len: run.len,
+        page_size: job.page_size,
+        fault_addr: job.fault.address,
+        kind: job.fault.kind(),
+        write: job.fault.is_write(),
+        thread_id: job.fault.thread_id,
+        source: job.source,
+        offset: run.offset,
+    }
+}
+
 fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) -> String {
     format!(
         "the handler failed serving {:#x}+{:#x} (fault at {:#x}): {e}",
@@ -659,7 +676,7 @@ fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) 
 
 /// [`apply`] behind the removal gate, and the statistics of a resolution at
 /// once, so that they are current by the time the woken thread runs.
-fn apply_and_account<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
+fn apply_and_account<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     let outcome = match &shared.gate {
         Some(gate) => {
             let log = gate.log.read().unwrap_or_else(|p| p.into_inner());
@@ -698,7 +715,7 @@ fn apply_and_account<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
 /// Applies the decided resolutions of `job`; resumable after a park. Run 0
 /// (the faulting page) wakes its waiters itself; prefetch runs are applied
 /// with `DONTWAKE` and woken with one `WAKE` at the end.
-fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
+fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     let uffd = &*shared.uffd;
     let multi = job.nruns > 1;
     let page_size = job.page_size;
@@ -714,13 +731,23 @@ fn apply<H>(shared: &Shared<H>, job: &mut Job) -> Outcome {
             let len = run.len - done;
             let result = match resolution {
                 Resolution::Copy => {
-                    let from = run.buf_off + done;
                     let flags = if dontwake {
                         CopyFlags::DONTWAKE
                     } else {
                         CopyFlags::empty()
                     };
-                    uffd.copy(addr, &job.buf[from..from + len], flags)
+                    if run.direct {
+                        let Some(bytes) = shared.handler.bytes_for(&request(job, &run)) else {
+                            return Outcome::Failed(format!(
+                                "the handler's bytes for {:#x}+{:#x} went away",
+                                run.addr, run.len
+                            ));
+                        };
+                        uffd.copy(addr, &bytes[done..], flags)
+                    } else {
+                        let from = run.buf_off + done;
+                        uffd.copy(addr, &job.buf[from..from + len], flags)
+                    }
                 }
                 Resolution::Zero if page_size > shared.page_size => {
                     // hugetlbfs has no zeropage: copy zeros.
@@ -1086,7 +1113,7 @@ impl<H: FaultHandler> Reader<H> {
                 ..Run::default()
             };
             job.nruns = 1;
-            job.buf = self.shared.take_buf(base);
+            job.buf_len = base;
             return Some(job);
         };
         let rs = &mut self.layout.regions[ri];
@@ -1170,7 +1197,7 @@ impl<H: FaultHandler> Reader<H> {
             let s = rs.page_index(run.addr);
             rs.inflight.set_range(s, s + run.len / ps, true);
         }
-        job.buf = self.shared.take_buf(buf_off);
+        job.buf_len = buf_off;
         Some(job)
     }
 
@@ -1247,6 +1274,7 @@ impl<H: FaultHandler> Reader<H> {
                         job.deadline = None;
                         for r in &mut job.runs[..job.nruns] {
                             r.resolution = None;
+                            r.direct = false;
                             r.done = 0;
                         }
                         self.respawn(job, backoff).await;
@@ -1398,6 +1426,7 @@ fn new_job(
         runs: [Run::default(); MAX_RUNS],
         nruns: 0,
         buf: Vec::new(),
+        buf_len: 0,
         attempt: 0,
         decided: false,
         deadline: None,

@@ -577,13 +577,16 @@ struct ServerThread {
 }
 
 impl ServerThread {
-    fn start<F>(uffd: Uffd, make: F) -> Self
+    fn start<F>(uffd: Uffd, cpu: Option<usize>, make: F) -> Self
     where
         F: FnOnce(AsyncUffd) -> tokio_uffd::ServerHandle + Send + 'static,
     {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(cpu);
+            }
             runtime_current().block_on(async move {
                 let handle = make(AsyncUffd::new(uffd).unwrap());
                 ready_tx.send(()).unwrap();
@@ -639,7 +642,7 @@ pub fn throughput(side: Side, threads: usize, per_thread: usize) -> Duration {
             let uffd = Uffd::new().unwrap();
             // SAFETY: our fresh mapping, filled only by the server.
             unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
-            guard = Some(ServerThread::start(uffd, |u| {
+            guard = Some(ServerThread::start(uffd, None, |u| {
                 Server::new(u, SourceHandler::new(PatternSource)).spawn()
             }));
             raw_fd = None;
@@ -685,8 +688,10 @@ pub fn throughput(side: Side, threads: usize, per_thread: usize) -> Duration {
 // ---------------------------------------------------------------------------
 
 /// A sequential restore of `mib` MiB from an in-memory image, resolving an
-/// aligned window of `window` pages per fault: the wall time.
+/// aligned window of `window` pages per fault: the wall time. The
+/// faulting thread and the handler share CPU 0.
 pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
+    pin(0);
     let page = page_size();
     let len = mib << 20;
     let img = image(len);
@@ -725,7 +730,7 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
             // SAFETY: our fresh mapping, filled only by the server.
             unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
             let source = MemorySource::new(img.clone());
-            let guard = ServerThread::start(uffd, move |u| {
+            let guard = ServerThread::start(uffd, Some(0), move |u| {
                 Server::new(u, SourceHandler::new(source))
                     .regions([Region::new(base, len, page, 0)])
                     .prefetch(window)
@@ -743,6 +748,7 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
     for off in [0, len / 2 + 17, len - 1] {
         assert_eq!(touch(base + off), img[off], "restored byte at {off:#x}");
     }
+    unpin();
     elapsed
 }
 
@@ -753,15 +759,79 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
 /// How long the stand-in for a disk read or a network round trip takes.
 pub const SLOW_FETCH: Duration = Duration::from_micros(200);
 
-/// A source whose every read takes `SLOW_FETCH` (a blocking sleep on
-/// Tokio's blocking pool, as a synchronous disk read would).
+/// A precise async delay: one timer thread sleeps until the earliest
+/// deadline and wakes the futures whose time has come (Tokio's timer
+/// rounds to a millisecond, which would turn 200 us into 1 ms). Stands in
+/// for a network round trip or an asynchronous disk read: the fetching
+/// task is woken by another thread when the data is there.
+struct Timer {
+    state: std::sync::Mutex<Vec<(Instant, std::task::Waker)>>,
+    cv: std::sync::Condvar,
+}
+
+fn timer() -> &'static Timer {
+    static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+    TIMER.get_or_init(|| {
+        let t: &'static Timer = Box::leak(Box::new(Timer {
+            state: std::sync::Mutex::new(Vec::new()),
+            cv: std::sync::Condvar::new(),
+        }));
+        std::thread::spawn(move || {
+            let mut due = t.state.lock().unwrap();
+            loop {
+                let now = Instant::now();
+                let mut i = 0;
+                while i < due.len() {
+                    if due[i].0 <= now {
+                        due.swap_remove(i).1.wake();
+                    } else {
+                        i += 1;
+                    }
+                }
+                let next = due.iter().map(|d| d.0).min();
+                due = match next {
+                    Some(at) => t.cv.wait_timeout(due, at - now).unwrap().0,
+                    None => t.cv.wait(due).unwrap(),
+                };
+            }
+        });
+        t
+    })
+}
+
+/// Resolves `SLOW_FETCH` after it is first polled.
+struct Delay {
+    at: Option<Instant>,
+}
+
+impl std::future::Future for Delay {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let at = *self.at.get_or_insert_with(|| Instant::now() + SLOW_FETCH);
+        if Instant::now() >= at {
+            return std::task::Poll::Ready(());
+        }
+        let t = timer();
+        let mut due = t.state.lock().unwrap();
+        let earliest = due.iter().map(|d| d.0).min();
+        due.push((at, cx.waker().clone()));
+        // The timer thread only needs waking for a new earliest deadline.
+        if earliest.is_none_or(|e| at < e) {
+            t.cv.notify_one();
+        }
+        std::task::Poll::Pending
+    }
+}
+
+/// A source whose every read takes `SLOW_FETCH`.
 struct SlowSource;
 
 impl PageSource for SlowSource {
     async fn read_at(&self, _offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        tokio::task::spawn_blocking(|| std::thread::sleep(SLOW_FETCH))
-            .await
-            .map_err(std::io::Error::other)?;
+        Delay { at: None }.await;
         buf.fill(7);
         Ok(())
     }
@@ -805,7 +875,7 @@ pub fn slow_source(side: Side, threads: usize, per_thread: usize) -> Duration {
             let uffd = Uffd::new().unwrap();
             // SAFETY: our fresh mapping, filled only by the server.
             unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
-            guard = Some(ServerThread::start(uffd, |u| {
+            guard = Some(ServerThread::start(uffd, None, |u| {
                 Server::new(u, SourceHandler::new(SlowSource))
                     .concurrency(64)
                     .spawn()
