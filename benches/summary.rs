@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use harness::{Op, Path, Pin, Side};
 
-const RUNS: usize = 5;
+const RUNS: usize = 7;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -69,7 +69,7 @@ fn main() {
         .map(|i| args[i + 1].clone());
     let run = |group: &str| only.as_ref().is_none_or(|o| group.contains(o.as_str()));
     let mut rows = Vec::new();
-    let faults = 2000;
+    let faults = 3000;
     let paths = [
         (Path::Sync, "<= 1.05"),
         (Path::StreamCurrent, "<= 1.15"),
@@ -82,8 +82,25 @@ fn main() {
         }
         for (pin, pinn) in [(Pin::SameCore, "same core"), (Pin::OtherCore, "other core")] {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / faults as f64;
-            let floor = per(med(|| harness::latency(Path::RawRead, op, pin, faults)));
-            let poll = per(med(|| harness::latency(Path::RawPoll, op, pin, faults)));
+            // Interleaved: every run measures the floor and every path
+            // back to back, so that drift in the machine hits them alike.
+            let all = [
+                Path::RawRead,
+                Path::RawPoll,
+                Path::Sync,
+                Path::StreamCurrent,
+                Path::StreamMulti,
+                Path::Server,
+            ];
+            let mut times: Vec<Vec<Duration>> = vec![Vec::new(); all.len()];
+            for _ in 0..RUNS {
+                for (i, &path) in all.iter().enumerate() {
+                    times[i].push(harness::latency(path, op, pin, faults));
+                }
+            }
+            let mut medians = times.into_iter().map(|t| per(median(t)));
+            let floor = medians.next().unwrap();
+            let poll = medians.next().unwrap();
             rows.push(Row {
                 group: "fault latency",
                 case: format!("{opn}, {pinn}: raw poll+read+ioctl"),
@@ -93,8 +110,7 @@ fn main() {
                 target: "",
                 syscalls: None,
             });
-            for (path, target) in paths {
-                let v = per(med(|| harness::latency(path, op, pin, faults)));
+            for ((path, target), v) in paths.into_iter().zip(medians) {
                 rows.push(Row {
                     group: "fault latency",
                     case: format!("{opn}, {pinn}: {}", path.name()),

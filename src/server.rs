@@ -731,11 +731,7 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
             let len = run.len - done;
             let result = match resolution {
                 Resolution::Copy => {
-                    let flags = if dontwake {
-                        CopyFlags::DONTWAKE
-                    } else {
-                        CopyFlags::empty()
-                    };
+                    let flags = when(dontwake, CopyFlags::DONTWAKE);
                     if run.direct {
                         let Some(bytes) = shared.handler.bytes_for(&request(job, &run)) else {
                             return Outcome::Failed(format!(
@@ -751,37 +747,21 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                 }
                 Resolution::Zero if page_size > shared.page_size => {
                     // hugetlbfs has no zeropage: copy zeros.
-                    let flags = if dontwake {
-                        CopyFlags::DONTWAKE
-                    } else {
-                        CopyFlags::empty()
-                    };
-                    uffd.copy(addr, &vec![0u8; len], flags)
+                    let flags = when(dontwake, CopyFlags::DONTWAKE);
+                    match zeros(len) {
+                        Some(z) => uffd.copy(addr, z, flags),
+                        None => uffd.copy(addr, &vec![0u8; len], flags),
+                    }
                 }
                 Resolution::Zero => {
-                    let flags = if dontwake {
-                        ZeropageFlags::DONTWAKE
-                    } else {
-                        ZeropageFlags::empty()
-                    };
-                    uffd.zeropage(addr, len, flags)
+                    uffd.zeropage(addr, len, when(dontwake, ZeropageFlags::DONTWAKE))
                 }
                 Resolution::Continue => {
-                    let flags = if dontwake {
-                        ContinueFlags::DONTWAKE
-                    } else {
-                        ContinueFlags::empty()
-                    };
-                    uffd.continue_range(addr, len, flags)
+                    uffd.continue_range(addr, len, when(dontwake, ContinueFlags::DONTWAKE))
                 }
-                Resolution::Unprotect => {
-                    let flags = if dontwake {
-                        UnprotectFlags::DONTWAKE
-                    } else {
-                        UnprotectFlags::empty()
-                    };
-                    uffd.write_unprotect(addr, len, flags).map(|()| len)
-                }
+                Resolution::Unprotect => uffd
+                    .write_unprotect(addr, len, when(dontwake, UnprotectFlags::DONTWAKE))
+                    .map(|()| len),
                 Resolution::Poison => uffd.poison(addr, len, PoisonFlags::empty()),
                 Resolution::Wake => uffd.wake(addr, len).map(|()| len),
             };
@@ -836,6 +816,25 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     Outcome::Resolved
 }
 
+/// `flag` if `yes`, else no flags.
+fn when<F: bitflags::Flags>(yes: bool, flag: F) -> F {
+    if yes {
+        flag
+    } else {
+        F::empty()
+    }
+}
+
+/// `len` zero bytes from one shared buffer of a fault-around window's size
+/// (allocated on first use; untouched zero pages cost no memory), or `None`
+/// for longer runs (gigantic pages).
+fn zeros(len: usize) -> Option<&'static [u8]> {
+    static ZEROS: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    ZEROS
+        .get_or_init(|| vec![0u8; MAX_WINDOW_BYTES].into_boxed_slice())
+        .get(..len)
+}
+
 thread_local! {
     static TID: u32 = crate::sys::gettid();
 }
@@ -862,6 +861,9 @@ struct Reader<H> {
     last_tid: u32,
     /// The stop signal, shared with the servers of forked children.
     stop: watch::Receiver<bool>,
+    /// The servers of forked children: awaited when this one stops (they
+    /// stop with it), left running (detached) when it ends otherwise.
+    children: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl<H: FaultHandler> Reader<H> {
@@ -885,6 +887,7 @@ impl<H: FaultHandler> Reader<H> {
             tids,
             last_tid: 0,
             stop,
+            children: Vec::new(),
         }
     }
 
@@ -909,6 +912,9 @@ impl<H: FaultHandler> Reader<H> {
         let mut stopping = false;
         loop {
             if stopping && self.inflight == 0 && self.parked.is_empty() {
+                for child in std::mem::take(&mut self.children) {
+                    let _ = child.await;
+                }
                 return Ok(ServerExit::Stopped);
             }
             let tid = thread_id();
@@ -1026,11 +1032,12 @@ impl<H: FaultHandler> Reader<H> {
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
         let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone());
         let stats = self.shared.stats.clone();
-        tokio::spawn(async move {
-            if let Err(e) = reader.run(stream).await {
+        self.children.retain(|c| !c.is_finished());
+        self.children.push(tokio::spawn(async move {
+            if let Err(e) = Box::pin(reader.run(stream)).await {
                 stats.set_error(format!("a forked child's server failed: {e}"));
             }
-        });
+        }));
         Ok(())
     }
 

@@ -208,7 +208,7 @@ fn child_firecracker_entry() {
         regions[0].addr, regions[1].addr
     );
     let sock = UnixStream::connect(socket).unwrap();
-    send_with_fd(&sock, uffd.as_raw_fd(), json.as_bytes());
+    send_fd(&sock, uffd.as_raw_fd(), json.as_bytes());
 
     // The guest runs: every byte of both regions, from two vCPU threads.
     let bases = [regions[0].addr, regions[1].addr];
@@ -247,38 +247,6 @@ fn child_firecracker_entry() {
         .all(|o| read_at(regions[0].addr + o) == 0));
     assert_eq!(read_at(regions[0].addr + (1 << 20)), guest_byte(1 << 20));
     // The VMM exits: the socket hangs up.
-}
-
-fn send_with_fd(sock: &UnixStream, fd: i32, data: &[u8]) {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is an empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: the control buffer has room for one header with one fd.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-    }
-    // SAFETY: `msg` points at live buffers.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    assert_eq!(
-        n as usize,
-        data.len(),
-        "sendmsg: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 fn wait_for_path(path: &Path) {

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -568,6 +568,15 @@ fn a_fault_from_the_servers_own_runtime_is_reported() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // Both workers have run `on_thread_start` once they are up.
+        let deadline = std::time::Instant::now() + BOUND;
+        while tids.lock().unwrap().len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "workers never started"
+            );
+            tokio::task::yield_now().await;
+        }
         let workers = tids.lock().unwrap().clone();
         let handle = Server::new(
             AsyncUffd::new(uffd).unwrap(),
@@ -664,70 +673,6 @@ fn the_owning_process_exiting_ends_the_server_cleanly() {
         let exit = tokio::time::timeout(BOUND, handle.join()).await.unwrap();
         assert_eq!(exit.unwrap(), ServerExit::ProcessExited);
     });
-}
-
-/// Sends `fd` with `data` over `sock` (`SCM_RIGHTS`).
-fn send_fd(sock: &UnixStream, fd: i32, data: &[u8]) {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: the control buffer has room for one header with one fd.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-    }
-    // SAFETY: `msg` points at live buffers.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    assert_eq!(
-        n as usize,
-        data.len(),
-        "sendmsg: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Receives one fd and up to 64 bytes over `sock`.
-fn recv_fd(sock: &UnixStream) -> (OwnedFd, Vec<u8>) {
-    let mut data = vec![0u8; 64];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: `msg` points at live, writable buffers.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    assert!(n > 0, "recvmsg: {}", std::io::Error::last_os_error());
-    data.truncate(n as usize);
-    // SAFETY: the kernel filled the control buffer; one SCM_RIGHTS header.
-    let fd = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        assert!(!cmsg.is_null(), "no fd received");
-        assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
-        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
-    };
-    // SAFETY: the fd was just installed in our table for us.
-    (unsafe { OwnedFd::from_raw_fd(fd) }, data)
 }
 
 /// Fails the first `failures` calls, then serves from the image.
