@@ -74,8 +74,9 @@ pub enum ErrorKind {
     /// `EEXIST`: the page is already there. The kernel did not wake the
     /// waiters: call [`Uffd::wake`](crate::Uffd::wake) on the range.
     Exists,
-    /// `ENOENT`: the range is gone (unmapped, or no longer registered); drop
-    /// the fault. (Right after an [`Event::Unmap`](crate::Event::Unmap) or
+    /// `ENOENT`: the range is gone (unmapped, or no longer registered). Wake
+    /// the range (a thread can still be waiting there: the kernel may queue
+    /// a fault just as its range is unregistered), then drop the fault. (Right after an [`Event::Unmap`](crate::Event::Unmap) or
     /// [`Event::Remap`](crate::Event::Remap) the kernel may also answer
     /// `EINVAL`, reported as [`InvalidInput`](Self::InvalidInput): a handler
     /// that tracks those events knows the range is gone.)

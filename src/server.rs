@@ -699,7 +699,10 @@ fn apply_and_account<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outc
         let pages = (bytes / job.page_size) as u64;
         Stats::add(&stats.pages_served, pages);
         Stats::add(&stats.bytes_served, bytes as u64);
-        if job.zero_fill && pages == 0 {
+        if job.runs[0].resolution == Some(Resolution::Poison) {
+            // A parked poisoning that got through at last.
+            Stats::add(&stats.poisoned, 1);
+        } else if job.zero_fill && pages == 0 {
             // The page was there: a duplicate fault, only woken.
             Stats::add(&stats.duplicates, 1);
         } else if job.zero_fill {

@@ -721,6 +721,9 @@ impl Uffd {
     /// # Errors
     ///
     /// [`Error::Unsupported`] if the kernel lacks `MOVE`; range errors before the call;
+    /// `EBUSY` (kind [`ErrorKind::Other`](crate::ErrorKind::Other)) if a
+    /// source page is shared with a forked child (mark the source
+    /// `MADV_DONTFORK`);
     /// otherwise as for [`copy`](Self::copy), and `RangeGone` for a hole in
     /// `src` without `ALLOW_SRC_HOLES`.
     pub unsafe fn move_pages(

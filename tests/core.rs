@@ -14,6 +14,16 @@ use tokio_uffd::{
     ZeropageFlags,
 };
 
+/// Held by the tests that register with `EVENT_FORK` and fork: a fork in
+/// one would raise a Fork event on the other's userfaultfd too (every
+/// userfaultfd with `EVENT_FORK` in the process sees every fork) and wait
+/// for it to be read.
+static FORK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fork_lock() -> std::sync::MutexGuard<'static, ()> {
+    FORK_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -499,6 +509,7 @@ fn move_checks_its_source_range() {
 
 #[test]
 fn a_fork_of_a_blocking_adopted_uffd_is_made_nonblocking_cloexec() {
+    let _fork = fork_lock();
     // A userfaultfd made elsewhere without O_NONBLOCK/O_CLOEXEC: the kernel
     // gives its forked children those creation flags.
     // SAFETY: plain syscall.
@@ -791,6 +802,7 @@ fn thread_id_is_reported_when_granted() {
 
 #[test]
 fn fork_event_owns_a_uffd_that_serves_the_child() {
+    let _fork = fork_lock();
     let Some(uffd) = try_uffd(UffdBuilder::new().require(Features::EVENT_FORK)) else {
         return;
     };
