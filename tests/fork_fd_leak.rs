@@ -100,12 +100,24 @@ fn fork_fds_are_closed_whenever_their_event_is_not_taken() {
             "the Fork message should be buffered"
         );
         assert_eq!(count_fds(), before + 1);
-        uffd.zeropage(
-            fault.page_start(page),
-            page,
-            tokio_uffd::ZeropageFlags::empty(),
-        )
-        .unwrap();
+        // The fork is still in flight (its thread has not yet been told its
+        // event was read), so the address space may still be "changing":
+        // retry, as a handler must.
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            match uffd.zeropage(
+                fault.page_start(page),
+                page,
+                tokio_uffd::ZeropageFlags::empty(),
+            ) {
+                Ok(_) => break,
+                Err(e) if e.kind() == tokio_uffd::ErrorKind::Retry => {
+                    assert!(std::time::Instant::now() < deadline, "EAGAIN for too long");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         drop(stream);
     });
     assert_eq!(
