@@ -929,7 +929,8 @@ impl<H: FaultHandler> Reader<H> {
             let reading = !stopping || !self.parked.is_empty();
             let step = tokio::select! {
                 biased;
-                Some(done) = self.rx.recv() => self.finish(done).await,
+                // Only spawned tasks report here; none, none to wait for.
+                Some(done) = self.rx.recv(), if self.inflight > 0 => self.finish(done).await,
                 event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
                 _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
                 () = &mut stop_signal, if !stopping => {

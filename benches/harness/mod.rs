@@ -406,9 +406,18 @@ fn resolve_crate(uffd: &Uffd, op: Op, addr: usize, page: usize) {
     }
 }
 
+/// A current-thread runtime with what the server needs (I/O and time).
 fn runtime_current() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime with I/O only: all a bare `EventStream` needs.
+fn runtime_current_io() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
         .build()
         .unwrap()
 }
@@ -479,7 +488,7 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                runtime_current().block_on(async move {
+                runtime_current_io().block_on(async move {
                     let uffd = AsyncUffd::new(uffd).unwrap();
                     let mut events = uffd.event_stream().unwrap();
                     while let Some(Ok(event)) = events.next().await {
@@ -530,7 +539,7 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .on_thread_start(move || pin(hcpu))
-                .enable_all()
+                .enable_io()
                 .build()
                 .unwrap();
             let task = rt.spawn(async move {
