@@ -44,6 +44,16 @@ async fn final_stats(handle: tokio_uffd::ServerHandle) -> tokio_uffd::StatsSnaps
     stats.snapshot()
 }
 
+/// A server for the test image on `len` bytes at `addr` (one region of
+/// base pages).
+fn serve_image(uffd: Uffd, addr: usize, len: usize) -> tokio_uffd::ServerHandle {
+    let page = uffd.page_size();
+    let source = SourceHandler::new(MemorySource::new(image(len)));
+    Server::new(AsyncUffd::new(uffd).unwrap(), source)
+        .regions([Region::new(addr, len, page, 0)])
+        .spawn()
+}
+
 /// A uffd with `features`, a registered anonymous mapping of `pages`.
 fn setup(pages: usize, features: Features) -> Option<(Uffd, Mapping)> {
     let uffd = try_uffd(UffdBuilder::new().require(features))?;
@@ -130,12 +140,7 @@ fn madv_dontneed_on_served_pages_makes_them_read_zero() {
     let len = 4 * page;
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(MemorySource::new(image(len))),
-        )
-        .regions([Region::new(mem.addr, len, page, 0)])
-        .spawn();
+        let handle = serve_image(uffd, mem.addr, len);
         let addr = mem.addr;
         let check = tokio::task::spawn_blocking(move || {
             let before: Vec<u8> = (0..4).map(|p| read_at(addr + p * page + 7)).collect();
@@ -215,12 +220,7 @@ fn a_forked_child_is_served_by_the_same_handler() {
     let page = uffd.page_size();
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(MemorySource::new(image(2 * page))),
-        )
-        .regions([Region::new(mem.addr, 2 * page, page, 0)])
-        .spawn();
+        let handle = serve_image(uffd, mem.addr, 2 * page);
         let addr = mem.addr + page + 77;
         let status = tokio::task::spawn_blocking(move || wait_child(fork_reader(addr)))
             .await
@@ -810,12 +810,7 @@ fn an_unmapped_range_is_forgotten() {
     let page = uffd.page_size();
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(MemorySource::new(image(4 * page))),
-        )
-        .regions([Region::new(mem.addr, 4 * page, page, 0)])
-        .spawn();
+        let handle = serve_image(uffd, mem.addr, 4 * page);
         let addr = mem.addr;
         let v = tokio::task::spawn_blocking(move || {
             let a = read_at(addr + 3 * page);
@@ -928,12 +923,7 @@ fn without_event_remove_a_freed_page_reads_zero_not_a_livelock() {
     let page = uffd.page_size();
     let rt = rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(MemorySource::new(image(page))),
-        )
-        .regions([Region::new(mem.addr, page, page, 0)])
-        .spawn();
+        let handle = serve_image(uffd, mem.addr, page);
         let addr = mem.addr;
         let got = tokio::task::spawn_blocking(move || {
             let a = read_at(addr + 1);

@@ -407,6 +407,30 @@ fn resolve_crate(uffd: &Uffd, op: Op, addr: usize, page: usize) {
 }
 
 /// A current-thread runtime with what the server needs (I/O and time).
+/// The bare `EventStream` handler: resolve every fault until the sentinel.
+async fn stream_loop(uffd: Uffd, op: Op, page: usize, sentinel: usize) {
+    let uffd = AsyncUffd::new(uffd).unwrap();
+    let mut events = uffd.event_stream().unwrap();
+    while let Some(Ok(event)) = events.next().await {
+        if let Event::PageFault(f) = event {
+            let addr = f.page_start(page);
+            resolve_crate(&uffd, op, addr, page);
+            if addr == sentinel {
+                break;
+            }
+        }
+    }
+}
+
+/// A crate `Uffd` with all of `mem` registered MISSING.
+fn crate_uffd(mem: &Mapping) -> Uffd {
+    let uffd = Uffd::new().unwrap();
+    // SAFETY: the benchmark's own fresh mapping, filled only by the handler
+    // under test.
+    unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+    uffd
+}
+
 fn runtime_current() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -456,9 +480,7 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             t
         }
         Path::Sync => {
-            let uffd = Arc::new(Uffd::new().unwrap());
-            // SAFETY: our fresh mapping, filled only by the handler.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = Arc::new(crate_uffd(&mem));
             let u = uffd.clone();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
@@ -483,24 +505,10 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             t
         }
         Path::StreamCurrent => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the handler.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                runtime_current_io().block_on(async move {
-                    let uffd = AsyncUffd::new(uffd).unwrap();
-                    let mut events = uffd.event_stream().unwrap();
-                    while let Some(Ok(event)) = events.next().await {
-                        if let Event::PageFault(f) = event {
-                            let addr = f.page_start(page);
-                            resolve_crate(&uffd, op, addr, page);
-                            if addr == sentinel {
-                                break;
-                            }
-                        }
-                    }
-                })
+                runtime_current_io().block_on(stream_loop(uffd, op, page, sentinel))
             });
             let t = fault_loop(&mem, page, n);
             touch(sentinel);
@@ -508,9 +516,7 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             t
         }
         Path::Server => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the server.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let handler = std::thread::spawn(move || {
@@ -533,28 +539,14 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             t
         }
         Path::StreamMulti => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the handler.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .on_thread_start(move || pin(hcpu))
                 .enable_io()
                 .build()
                 .unwrap();
-            let task = rt.spawn(async move {
-                let uffd = AsyncUffd::new(uffd).unwrap();
-                let mut events = uffd.event_stream().unwrap();
-                while let Some(Ok(event)) = events.next().await {
-                    if let Event::PageFault(f) = event {
-                        let addr = f.page_start(page);
-                        resolve_crate(&uffd, op, addr, page);
-                        if addr == sentinel {
-                            break;
-                        }
-                    }
-                }
-            });
+            let task = rt.spawn(stream_loop(uffd, op, page, sentinel));
             let t = fault_loop(&mem, page, n);
             touch(sentinel);
             rt.block_on(task).unwrap();
@@ -648,9 +640,7 @@ pub fn throughput(side: Side, threads: usize, per_thread: usize) -> Duration {
             raw_fd = Some(fd);
         }
         Side::Server => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the server.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             guard = Some(ServerThread::start(uffd, None, |u| {
                 Server::new(u, SourceHandler::new(PatternSource)).spawn()
             }));
@@ -735,9 +725,7 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
             h.join().unwrap();
         }
         Side::Server => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the server.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             let source = MemorySource::new(img.clone());
             let guard = ServerThread::start(uffd, Some(0), move |u| {
                 Server::new(u, SourceHandler::new(source))
@@ -881,9 +869,7 @@ pub fn slow_source(side: Side, threads: usize, per_thread: usize) -> Duration {
             raw = Some((fd, h));
         }
         Side::Server => {
-            let uffd = Uffd::new().unwrap();
-            // SAFETY: our fresh mapping, filled only by the server.
-            unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
+            let uffd = crate_uffd(&mem);
             guard = Some(ServerThread::start(uffd, None, |u| {
                 Server::new(u, SourceHandler::new(SlowSource))
                     .concurrency(64)
