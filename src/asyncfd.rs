@@ -237,17 +237,8 @@ impl EventStream {
             let mut guard = ready!(self.uffd.inner.fd.poll_read_ready(cx))
                 .map_err(|source| Error::Read { source })?;
             let room = self.buf.capacity() - self.buf.len();
-            let read = match &self.gate {
-                Some(gate) => {
-                    let mut log = gate.lock_for_read();
-                    let read = guard.get_inner().read_raw(&mut self.buf);
-                    for (start, end) in self.buf.unread_removes() {
-                        log.record(start, end);
-                    }
-                    read
-                }
-                None => guard.get_inner().read_raw(&mut self.buf),
-            };
+            let uffd = guard.get_inner();
+            let read = gated(&self.gate, &mut self.buf, |buf| uffd.read_raw(buf));
             match read {
                 Ok(n) if n < room => guard.clear_ready(),
                 Ok(_) => guard.retain_ready(),
@@ -294,23 +285,33 @@ impl EventStream {
         if let Some(event) = self.buf.next_event() {
             return event.map(Some);
         }
-        let read = match &self.gate {
-            Some(gate) => {
-                let mut log = gate.lock_for_read();
-                let read = self.uffd.uffd().read_events(&mut self.buf);
-                for (start, end) in self.buf.unread_removes() {
-                    log.record(start, end);
-                }
-                read
-            }
-            None => self.uffd.uffd().read_events(&mut self.buf),
-        };
+        let uffd = self.uffd.uffd();
+        let read = gated(&self.gate, &mut self.buf, |buf| uffd.read_events(buf));
         match read {
             Ok(_) => self.buf.next_event().transpose(),
             Err(e) if e.kind() == crate::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
     }
+}
+
+/// Runs `read` into `buf`, under the server's removal gate if there is
+/// one: the gate is held for writing across the read, and every Remove the
+/// read brought in is recorded before it is released.
+fn gated<R>(
+    gate: &Option<Arc<RemovalGate>>,
+    buf: &mut EventBuffer,
+    read: impl FnOnce(&mut EventBuffer) -> R,
+) -> R {
+    let Some(gate) = gate else {
+        return read(buf);
+    };
+    let mut log = gate.lock_for_read();
+    let result = read(buf);
+    for (start, end) in buf.unread_removes() {
+        log.record(start, end);
+    }
+    result
 }
 
 impl Stream for EventStream {

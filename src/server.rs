@@ -484,6 +484,26 @@ struct Shared<H> {
 }
 
 impl<H> Shared<H> {
+    /// The same configuration and handler, for a forked child's `uffd`,
+    /// with a gate and buffers of its own.
+    fn for_child(&self, uffd: AsyncUffd) -> Self {
+        let tracks_removal = uffd.features().contains(Features::EVENT_REMOVE);
+        Shared {
+            uffd,
+            handler: self.handler.clone(),
+            stats: self.stats.clone(),
+            page_size: self.page_size,
+            failure: self.failure,
+            fork: self.fork,
+            retry_timeout: self.retry_timeout,
+            prefetch: self.prefetch,
+            concurrency: self.concurrency,
+            batch: self.batch,
+            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
     fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut buf = self
             .pool
@@ -1018,21 +1038,7 @@ impl<H: FaultHandler> Reader<H> {
                 }
             }
         }
-        let tracks_removal = uffd.features().contains(Features::EVENT_REMOVE);
-        let shared = Arc::new(Shared {
-            uffd: uffd.clone(),
-            handler: self.shared.handler.clone(),
-            stats: self.shared.stats.clone(),
-            page_size: self.shared.page_size,
-            failure: self.shared.failure,
-            fork: self.shared.fork,
-            retry_timeout: self.shared.retry_timeout,
-            prefetch: self.shared.prefetch,
-            concurrency: self.shared.concurrency,
-            batch: self.shared.batch,
-            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
-            pool: Mutex::new(Vec::new()),
-        });
+        let shared = Arc::new(self.shared.for_child(uffd.clone()));
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
         let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone());
         let stats = self.shared.stats.clone();
