@@ -53,7 +53,17 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--syscall-case") {
         let path = parse_path(&args[i + 1]);
         let n: usize = args[i + 2].parse().unwrap();
-        harness::latency(path, Op::Copy, Pin::OtherCore, n);
+        // Optional, for profiling one case by hand: `zero`, `same`.
+        let op = match args.get(i + 3).map(String::as_str) {
+            Some("zero") => Op::Zero,
+            _ => Op::Copy,
+        };
+        let pin = match args.get(i + 4).map(String::as_str) {
+            Some("same") => Pin::SameCore,
+            _ => Pin::OtherCore,
+        };
+        let t = harness::latency(path, op, pin, n);
+        println!("{:.2} us/fault", t.as_secs_f64() * 1e6 / n as f64);
         return;
     }
     let out = args

@@ -63,6 +63,10 @@ impl fmt::Debug for AsyncUffd {
 }
 
 fn register(uffd: Uffd) -> std::result::Result<AsyncUffd, (Uffd, io::Error)> {
+    // A uffd made with `UffdBuilder::blocking` would stall the reactor.
+    if let Err(e) = crate::sys::set_nonblocking_cloexec(uffd.borrowed()) {
+        return Err((uffd, e));
+    }
     // SAFETY: `Uffd` owns its fd (an `OwnedFd` it never replaces), so the fd
     // stays open and refers to the same file description for as long as the
     // `AsyncFd` owns the `Uffd`, and `as_raw_fd` always returns it.
@@ -77,7 +81,9 @@ fn register(uffd: Uffd) -> std::result::Result<AsyncUffd, (Uffd, io::Error)> {
 }
 
 impl AsyncUffd {
-    /// Registers `uffd` with the reactor of the current Tokio runtime.
+    /// Registers `uffd` with the reactor of the current Tokio runtime,
+    /// making it non-blocking first if it was made with
+    /// [`UffdBuilder::blocking`](crate::UffdBuilder::blocking).
     ///
     /// # Panics
     ///

@@ -94,6 +94,7 @@ pub struct UffdBuilder {
     wanted: Features,
     user_mode_only: bool,
     method: CreateMethod,
+    blocking: bool,
 }
 
 impl Default for UffdBuilder {
@@ -118,6 +119,7 @@ impl UffdBuilder {
             wanted: Features::empty(),
             user_mode_only: true,
             method: CreateMethod::Auto,
+            blocking: false,
         }
     }
 
@@ -145,6 +147,21 @@ impl UffdBuilder {
     /// the flag; it is dropped there automatically.
     pub fn user_mode_only(mut self, yes: bool) -> Self {
         self.user_mode_only = yes;
+        self
+    }
+
+    /// Whether to create the fd in blocking mode (default: non-blocking).
+    ///
+    /// For a handler that waits in a thread of its own: a blocking
+    /// [`Uffd::read_events`] sleeps until a message comes, so a fault costs
+    /// two system calls (the `read(2)` and the resolving ioctl) instead of
+    /// three with [`Uffd::wait_readable`] first. [`AsyncUffd::new`]
+    /// makes the fd non-blocking, as the reactor needs; so are the
+    /// userfaultfds of forked children, whatever this says.
+    ///
+    /// [`AsyncUffd::new`]: crate::AsyncUffd::new
+    pub fn blocking(mut self, yes: bool) -> Self {
+        self.blocking = yes;
         self
     }
 
@@ -234,7 +251,11 @@ impl UffdBuilder {
 
     /// Opens a userfaultfd; also says whether it is user-mode-only.
     fn open(&self) -> Result<(OwnedFd, CreateMethod, bool)> {
-        let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        let base = if self.blocking {
+            libc::O_CLOEXEC
+        } else {
+            libc::O_CLOEXEC | libc::O_NONBLOCK
+        };
         if self.user_mode_only {
             match self.open_flags(base | sys::UFFD_USER_MODE_ONLY) {
                 // Kernels before 5.11 reject the flag with EINVAL.
@@ -793,14 +814,18 @@ impl Uffd {
 
     /// Reads as many queued messages as fit into the free space of `buf`
     /// with one `read(2)`, and returns how many were read (at least one).
+    /// On a uffd made with [`UffdBuilder::blocking`] it waits for the first
+    /// message; on a non-blocking one (the default) it never waits.
     ///
     /// A `Fork` message's new userfaultfd is installed in this process's fd
     /// table by this read; `buf` owns it until the event is taken.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::WouldBlock`](crate::ErrorKind::WouldBlock) when no message is queued (never "zero
-    /// messages"); [`Error::PartialMessage`] if the kernel returned
+    /// [`ErrorKind::WouldBlock`](crate::ErrorKind::WouldBlock) when no
+    /// message is queued on a non-blocking uffd (never "zero messages");
+    /// [`Error::Read`] with an `Interrupted` source when a signal cut a
+    /// blocking wait short; [`Error::PartialMessage`] if the kernel returned
     /// something that is not whole messages; [`Error::Read`] otherwise.
     pub fn read_events(&self, buf: &mut EventBuffer) -> Result<usize> {
         self.read_raw(buf).map_err(Error::from)

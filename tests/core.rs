@@ -68,6 +68,55 @@ fn both_creation_paths_work_and_are_nonblocking_cloexec() {
     }
 }
 
+/// The `O_NONBLOCK` flag of `fd`'s open file description.
+fn is_nonblocking(fd: i32) -> bool {
+    // SAFETY: an fcntl query on our own fd.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert!(fl >= 0, "F_GETFL failed");
+    fl & libc::O_NONBLOCK != 0
+}
+
+#[test]
+fn a_blocking_uffd_waits_in_read_events_until_a_fault_comes() {
+    let Some(uffd) = try_uffd(UffdBuilder::new().blocking(true)) else {
+        return;
+    };
+    assert!(
+        !is_nonblocking(uffd.as_raw_fd()),
+        "blocking(true) gave O_NONBLOCK"
+    );
+    let page = page_size();
+    let mem = Mapping::anon(page);
+    // SAFETY: a fresh private mapping of this test's own.
+    unsafe { uffd.register(mem.addr, page, RegisterMode::MISSING) }.unwrap();
+    let reader = start_read(mem.addr);
+    // No poll first: the read itself sleeps until the fault is queued.
+    let uffd = std::sync::Arc::new(uffd);
+    let (n, mut buf) = run_bounded("a blocking read_events", {
+        let uffd = uffd.clone();
+        move || {
+            let mut buf = EventBuffer::new(4);
+            let n = uffd.read_events(&mut buf).unwrap();
+            (n, buf)
+        }
+    });
+    assert_eq!(n, 1);
+    let Some(Ok(Event::PageFault(f))) = buf.next_event() else {
+        panic!("expected a page fault");
+    };
+    assert_eq!(f.page_start(page), mem.addr);
+    uffd.zeropage(mem.addr, page, ZeropageFlags::empty())
+        .unwrap();
+    assert_eq!(reader.recv_timeout(BOUND).unwrap(), 0);
+
+    // The reactor needs it non-blocking: AsyncUffd makes it so.
+    let uffd = std::sync::Arc::into_inner(uffd).unwrap();
+    let rt = current_thread_rt();
+    let fd = uffd.as_raw_fd();
+    let _async = rt.block_on(async move { tokio_uffd::AsyncUffd::new(uffd).unwrap() });
+    assert!(is_nonblocking(fd), "AsyncUffd left the uffd blocking");
+}
+
 #[test]
 fn page_size_comes_from_sysconf() {
     let Some(uffd) = uffd_with(Features::empty()) else {

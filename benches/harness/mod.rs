@@ -16,7 +16,7 @@ use futures::StreamExt;
 use tokio_uffd::{
     AsyncUffd, CopyFlags, Event, EventBuffer, FaultHandler, FaultRequest, HandlerError,
     MemorySource, PageSource, Region, RegisterMode, Resolution, Server, SourceHandler, Uffd,
-    ZeropageFlags,
+    UffdBuilder, ZeropageFlags,
 };
 
 // ---------------------------------------------------------------------------
@@ -347,7 +347,7 @@ pub enum Path {
     RawRead,
     /// Raw floor: `poll(2)` + `read(2)` + one ioctl.
     RawPoll,
-    /// The crate's sync API: `Uffd::wait_readable` + `read_events` + ioctl.
+    /// The crate's sync API: a blocking `Uffd::read_events` + ioctl.
     Sync,
     /// `EventStream` on a current-thread runtime.
     StreamCurrent,
@@ -424,7 +424,12 @@ async fn stream_loop(uffd: Uffd, op: Op, page: usize, sentinel: usize) {
 
 /// A crate `Uffd` with all of `mem` registered MISSING.
 fn crate_uffd(mem: &Mapping) -> Uffd {
-    let uffd = Uffd::new().unwrap();
+    register_all(UffdBuilder::new(), mem)
+}
+
+/// A `Uffd` from `builder` with all of `mem` registered MISSING.
+fn register_all(builder: UffdBuilder, mem: &Mapping) -> Uffd {
+    let uffd = builder.create().unwrap();
     // SAFETY: the benchmark's own fresh mapping, filled only by the handler
     // under test.
     unsafe { uffd.register(mem.addr, mem.len, RegisterMode::MISSING) }.unwrap();
@@ -480,13 +485,12 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             t
         }
         Path::Sync => {
-            let uffd = Arc::new(crate_uffd(&mem));
+            let uffd = Arc::new(register_all(UffdBuilder::new().blocking(true), &mem));
             let u = uffd.clone();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
                 let mut buf = EventBuffer::new(16);
                 loop {
-                    u.wait_readable(None).unwrap();
                     if u.read_events(&mut buf).is_err() {
                         continue;
                     }
