@@ -63,7 +63,11 @@ fn main() {
             _ => Pin::OtherCore,
         };
         let t = harness::latency(path, op, pin, n);
-        println!("{:.2} us/fault", t.as_secs_f64() * 1e6 / n as f64);
+        println!(
+            "{:.2} us/fault, handler CPU {:.2} us/fault",
+            t.as_secs_f64() * 1e6 / n as f64,
+            harness::last_handler_cpu().as_secs_f64() * 1e6 / n as f64
+        );
         return;
     }
     let out = args
@@ -307,6 +311,7 @@ fn parse_path(s: &str) -> Path {
     match s {
         "raw" => Path::RawRead,
         "poll" => Path::RawPoll,
+        "epoll" => Path::RawEpoll,
         "sync" => Path::Sync,
         "stream-current" => Path::StreamCurrent,
         "stream-multi" => Path::StreamMulti,

@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -293,7 +293,6 @@ impl<H: FaultHandler> Server<H> {
             concurrency: self.concurrency,
             batch: self.batch,
             gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
-            pool: Mutex::new(Vec::new()),
         });
         let reader = Reader::new(shared, Layout::new(self.regions), self.guard_threads, stop);
         reader.run(stream).await
@@ -479,8 +478,6 @@ struct Shared<H> {
     /// With `EVENT_REMOVE`: the server is told about freed pages, and
     /// resolutions must not race with them.
     gate: Option<Arc<RemovalGate>>,
-    /// Reusable page buffers.
-    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl<H> Shared<H> {
@@ -500,28 +497,6 @@ impl<H> Shared<H> {
             concurrency: self.concurrency,
             batch: self.batch,
             gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
-            pool: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn take_buf(&self, len: usize) -> Vec<u8> {
-        let mut buf = self
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        buf.resize(len, 0);
-        buf
-    }
-
-    fn put_buf(&self, buf: Vec<u8>) {
-        if buf.capacity() == 0 {
-            return;
-        }
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < self.concurrency {
-            pool.push(buf);
         }
     }
 }
@@ -617,7 +592,7 @@ enum Outcome {
 }
 
 struct Done {
-    job: Job,
+    job: Box<Job>,
     outcome: Outcome,
 }
 
@@ -634,8 +609,9 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
                 job.runs[i].direct = true;
                 continue;
             }
-            if job.buf.len() < job.buf_len {
-                job.buf = shared.take_buf(job.buf_len);
+            if job.buf.len() != job.buf_len {
+                // The buffer of a recycled job, or a new one.
+                job.buf.resize(job.buf_len, 0);
             }
             let buf = &mut job.buf[run.buf_off..run.buf_off + run.len];
             let result = AssertUnwindSafe(shared.handler.fault(&req, buf))
@@ -869,18 +845,65 @@ pub fn thread_id() -> u32 {
     TID.with(|t| *t)
 }
 
+/// Hashes page addresses for the reader's sets: one multiply instead of
+/// SipHash, which the reader does not need (it hashes addresses the kernel
+/// reports, not input an attacker picks to collide).
+#[derive(Debug, Clone, Copy, Default)]
+struct PageHash;
+
+impl std::hash::BuildHasher for PageHash {
+    type Hasher = PageHasher;
+
+    fn build_hasher(&self) -> PageHasher {
+        PageHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct PageHasher(u64);
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing; the high half folded down so that the low bits
+        // (the table index) depend on the page number, not the zero offset
+        // bits.
+        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 ^= n as u64;
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 ^= u64::from(n);
+    }
+}
+
 /// The reading side of a server: owns the page state and every decision.
+// Jobs stay boxed in its lists: they move between the lists, tasks and the
+// channel as one pointer, and a spare job keeps its allocation.
+#[allow(clippy::vec_box)]
 struct Reader<H> {
     shared: Arc<Shared<H>>,
     layout: Layout,
     /// Faulting pages outside every region that are being resolved.
-    loose_inflight: HashSet<usize>,
-    parked: Vec<Job>,
+    loose_inflight: HashSet<usize, PageHash>,
+    parked: Vec<Box<Job>>,
+    /// Finished jobs kept for reuse, with their buffers (at most
+    /// `concurrency`): no allocation per fault.
+    spare: Vec<Box<Job>>,
     inflight: usize,
     tx: mpsc::UnboundedSender<Done>,
     rx: mpsc::UnboundedReceiver<Done>,
     permits: Arc<Semaphore>,
-    tids: HashSet<u32>,
+    tids: HashSet<u32, PageHash>,
     last_tid: u32,
     /// The stop signal, shared with the servers of forked children.
     stop: watch::Receiver<bool>,
@@ -893,7 +916,7 @@ impl<H: FaultHandler> Reader<H> {
     fn new(
         shared: Arc<Shared<H>>,
         layout: Layout,
-        tids: HashSet<u32>,
+        tids: impl IntoIterator<Item = u32>,
         stop: watch::Receiver<bool>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -901,13 +924,14 @@ impl<H: FaultHandler> Reader<H> {
         Self {
             shared,
             layout,
-            loose_inflight: HashSet::new(),
+            loose_inflight: HashSet::default(),
             parked: Vec::new(),
+            spare: Vec::new(),
             inflight: 0,
             tx,
             rx,
             permits,
-            tids,
+            tids: tids.into_iter().collect(),
             last_tid: 0,
             stop,
             children: Vec::new(),
@@ -1080,7 +1104,7 @@ impl<H: FaultHandler> Reader<H> {
     /// Runs `job`: first polled right here (a handler that is ready at once
     /// costs no task and no wake-up), then, if it has to wait, in a task of
     /// its own under the concurrency limit.
-    async fn start(&mut self, mut job: Job) -> Result<Option<ServerExit>> {
+    async fn start(&mut self, mut job: Box<Job>) -> Result<Option<ServerExit>> {
         if job.zero_fill {
             // Freed pages: zeros, without the handler.
             let outcome = apply_and_account(&self.shared, &mut job);
@@ -1113,7 +1137,7 @@ impl<H: FaultHandler> Reader<H> {
     }
 
     /// Decides what to resolve for `fault`; `None` for a duplicate.
-    fn plan(&mut self, fault: PageFault, read_at: Instant) -> Option<Job> {
+    fn plan(&mut self, fault: PageFault, read_at: Instant) -> Option<Box<Job>> {
         let base = self.shared.page_size;
         let generation = self.shared.gate.as_ref().map_or(0, |g| g.generation());
         let Some(ri) = self.layout.find(fault.address) else {
@@ -1122,7 +1146,7 @@ impl<H: FaultHandler> Reader<H> {
             if !self.loose_inflight.insert(page) {
                 return None;
             }
-            let mut job = new_job(fault, page, base, 0, read_at, generation);
+            let mut job = new_job(&mut self.spare, fault, page, base, 0, read_at, generation);
             job.runs[0] = Run {
                 addr: page,
                 len: base,
@@ -1143,7 +1167,15 @@ impl<H: FaultHandler> Reader<H> {
         }
         let missing = fault.kind() == FaultKind::Missing;
         let offset_of = |addr: usize| region.offset + (addr - region.start) as u64;
-        let mut job = new_job(fault, page, ps, region.source, read_at, generation);
+        let mut job = new_job(
+            &mut self.spare,
+            fault,
+            page,
+            ps,
+            region.source,
+            read_at,
+            generation,
+        );
         if missing && (rs.removed.get(idx) || rs.served.get(idx)) {
             // Freed by the owner (a Remove): zeros, never the stale image.
             // Or served already: either a duplicate queued before it was
@@ -1251,7 +1283,7 @@ impl<H: FaultHandler> Reader<H> {
             Outcome::Resolved => {
                 // Counted where it was applied.
                 self.settle(&job, true);
-                self.shared.put_buf(std::mem::take(&mut job.buf));
+                self.recycle(job);
             }
             Outcome::Park => {
                 if job.deadline.is_none() {
@@ -1262,9 +1294,9 @@ impl<H: FaultHandler> Reader<H> {
             Outcome::Replan => {
                 // Plan the fault again: the freed pages are zeros now.
                 self.settle(&job, false);
-                self.shared.put_buf(std::mem::take(&mut job.buf));
-                let fault = job.fault;
-                if let Some(job) = self.plan(fault, job.read_at) {
+                let (fault, read_at) = (job.fault, job.read_at);
+                self.recycle(job);
+                if let Some(job) = self.plan(fault, read_at) {
                     return Box::pin(self.start(job)).await;
                 }
             }
@@ -1274,7 +1306,7 @@ impl<H: FaultHandler> Reader<H> {
                 // the memory gone).
                 let (lo, hi) = job.span();
                 let _ = self.shared.uffd.wake(lo, hi - lo);
-                self.shared.put_buf(std::mem::take(&mut job.buf));
+                self.recycle(job);
             }
             Outcome::Exited => {
                 self.settle(&job, false);
@@ -1304,7 +1336,7 @@ impl<H: FaultHandler> Reader<H> {
         Ok(None)
     }
 
-    async fn respawn(&mut self, mut job: Job, backoff: Duration) {
+    async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration) {
         let permit = self
             .permits
             .clone()
@@ -1327,7 +1359,7 @@ impl<H: FaultHandler> Reader<H> {
     /// faulting page is poisoned (parked like any resolution if the address
     /// space is changing), the rest of the window woken so its waiters
     /// fault again.
-    fn fail(&mut self, mut job: Job, reason: String) -> Result<Option<ServerExit>> {
+    fn fail(&mut self, mut job: Box<Job>, reason: String) -> Result<Option<ServerExit>> {
         self.settle(&job, false);
         let uffd = self.shared.uffd.clone();
         let (lo, hi) = job.span();
@@ -1380,6 +1412,13 @@ impl<H: FaultHandler> Reader<H> {
         }
     }
 
+    /// Keeps a finished job (and its buffer) for the next fault.
+    fn recycle(&mut self, job: Box<Job>) {
+        if self.spare.len() < self.shared.concurrency {
+            self.spare.push(job);
+        }
+    }
+
     fn mark_inflight(&mut self, job: &Job) {
         if let Some(ri) = self.layout.find(job.page) {
             let rs = &mut self.layout.regions[ri];
@@ -1426,15 +1465,18 @@ impl<H: FaultHandler> Reader<H> {
     }
 }
 
+/// A job for `fault`, in a spare one if there is one (keeping its buffer).
+#[allow(clippy::vec_box)]
 fn new_job(
+    spare: &mut Vec<Box<Job>>,
     fault: PageFault,
     page: usize,
     page_size: usize,
     source: usize,
     read_at: Instant,
     generation: u64,
-) -> Job {
-    Job {
+) -> Box<Job> {
+    let fresh = |buf| Job {
         fault,
         page,
         page_size,
@@ -1442,7 +1484,7 @@ fn new_job(
         read_at,
         runs: [Run::default(); MAX_RUNS],
         nruns: 0,
-        buf: Vec::new(),
+        buf,
         buf_len: 0,
         attempt: 0,
         decided: false,
@@ -1451,6 +1493,14 @@ fn new_job(
         counted: false,
         generation,
         existed: 0,
+    };
+    match spare.pop() {
+        Some(mut job) => {
+            let buf = std::mem::take(&mut job.buf);
+            *job = fresh(buf);
+            job
+        }
+        None => Box::new(fresh(Vec::new())),
     }
 }
 

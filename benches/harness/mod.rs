@@ -179,6 +179,52 @@ fn raw_handler(
     }
 }
 
+/// The raw floor with a reactor's wait: edge-triggered epoll, reads of up
+/// to 16 messages (a short read means the queue is drained, so no read
+/// ends in `EAGAIN`), one ioctl per fault. Ends after serving `sentinel`.
+fn raw_epoll_handler(fd: RawFd, op: Op, page: usize, sentinel: usize) {
+    // SAFETY: plain syscalls on fds this function owns or borrows.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(
+        ep >= 0,
+        "epoll_create1: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above; the epoll fd is ours.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    // SAFETY: EPOLL_CTL_ADD with a valid event.
+    let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+    let mut msgs = [0u8; 32 * 16];
+    let mut ready = false;
+    loop {
+        if !ready {
+            let mut out = [libc::epoll_event { events: 0, u64: 0 }];
+            // SAFETY: one event slot.
+            unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, -1) };
+        }
+        // SAFETY: reading whole messages into a buffer of 16.
+        let n = unsafe { libc::read(fd, msgs.as_mut_ptr().cast(), msgs.len()) };
+        if n <= 0 {
+            ready = false;
+            continue;
+        }
+        let n = n as usize;
+        ready = n == msgs.len();
+        for m in msgs[..n].chunks_exact(32) {
+            let addr = u64::from_ne_bytes(m[16..24].try_into().unwrap()) as usize & !(page - 1);
+            raw_resolve(fd, op, addr, page, page_of_bytes().as_ptr());
+            if addr == sentinel {
+                return;
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Setup helpers
 // ---------------------------------------------------------------------------
@@ -347,6 +393,9 @@ pub enum Path {
     RawRead,
     /// Raw floor: `poll(2)` + `read(2)` + one ioctl.
     RawPoll,
+    /// Raw floor: edge-triggered `epoll_wait(2)` + `read(2)` of up to 16
+    /// messages + one ioctl each, as a reactor does it.
+    RawEpoll,
     /// The crate's sync API: a blocking `Uffd::read_events` + ioctl.
     Sync,
     /// `EventStream` on a current-thread runtime.
@@ -362,6 +411,7 @@ impl Path {
         match self {
             Path::RawRead => "raw read+ioctl",
             Path::RawPoll => "raw poll+read+ioctl",
+            Path::RawEpoll => "raw epoll+read+ioctl",
             Path::Sync => "sync Uffd",
             Path::StreamCurrent => "EventStream current-thread",
             Path::StreamMulti => "EventStream multi-thread",
@@ -451,6 +501,38 @@ fn runtime_current_io() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// CPU time (user and system) of the last handler thread measured with
+/// [`on_cpu_clock`], in nanoseconds.
+static HANDLER_CPU: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Runs `f` and records the CPU time this thread spent in it.
+fn on_cpu_clock<T>(f: impl FnOnce() -> T) -> T {
+    let t0 = thread_cpu();
+    let r = f();
+    let spent = thread_cpu() - t0;
+    HANDLER_CPU.store(
+        spent.as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    r
+}
+
+/// CPU time of the handler thread in the last [`latency`] run (its
+/// runtime's set-up included), for every path but the multi-thread stream.
+pub fn last_handler_cpu() -> Duration {
+    Duration::from_nanos(HANDLER_CPU.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// `n` faults through `path`: the time spent faulting.
 pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
     let page = page_size();
@@ -466,17 +548,32 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             let raw = fd.as_raw_fd();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                raw_handler(
-                    raw,
-                    poll,
-                    op,
-                    page,
-                    1,
-                    0,
-                    usize::MAX,
-                    page_of_bytes(),
-                    sentinel,
-                );
+                on_cpu_clock(|| {
+                    raw_handler(
+                        raw,
+                        poll,
+                        op,
+                        page,
+                        1,
+                        0,
+                        usize::MAX,
+                        page_of_bytes(),
+                        sentinel,
+                    )
+                });
+            });
+            let t = fault_loop(&mem, page, n);
+            touch(sentinel);
+            handler.join().unwrap();
+            drop(fd);
+            t
+        }
+        Path::RawEpoll => {
+            let fd = raw_uffd(true, mem.addr, mem.len);
+            let raw = fd.as_raw_fd();
+            let handler = std::thread::spawn(move || {
+                pin(hcpu);
+                on_cpu_clock(|| raw_epoll_handler(raw, op, page, sentinel));
             });
             let t = fault_loop(&mem, page, n);
             touch(sentinel);
@@ -489,19 +586,21 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             let u = uffd.clone();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                let mut buf = EventBuffer::new(16);
-                loop {
-                    if u.read_events(&mut buf).is_err() {
-                        continue;
-                    }
-                    while let Some(Ok(Event::PageFault(f))) = buf.next_event() {
-                        let addr = f.page_start(page);
-                        resolve_crate(&u, op, addr, page);
-                        if addr == sentinel {
-                            return;
+                on_cpu_clock(|| {
+                    let mut buf = EventBuffer::new(16);
+                    loop {
+                        if u.read_events(&mut buf).is_err() {
+                            continue;
+                        }
+                        while let Some(Ok(Event::PageFault(f))) = buf.next_event() {
+                            let addr = f.page_start(page);
+                            resolve_crate(&u, op, addr, page);
+                            if addr == sentinel {
+                                return;
+                            }
                         }
                     }
-                }
+                })
             });
             let t = fault_loop(&mem, page, n);
             touch(sentinel);
@@ -512,7 +611,9 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             let uffd = crate_uffd(&mem);
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                runtime_current_io().block_on(stream_loop(uffd, op, page, sentinel))
+                on_cpu_clock(|| {
+                    runtime_current_io().block_on(stream_loop(uffd, op, page, sentinel))
+                })
             });
             let t = fault_loop(&mem, page, n);
             touch(sentinel);
@@ -525,15 +626,19 @@ pub fn latency(path: Path, op: Op, pin_to: Pin, n: usize) -> Duration {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let handler = std::thread::spawn(move || {
                 pin(hcpu);
-                runtime_current().block_on(async move {
-                    let uffd = AsyncUffd::new(uffd).unwrap();
-                    let handle = match op {
-                        Op::Copy => Server::new(uffd, SourceHandler::new(PatternSource)).spawn(),
-                        Op::Zero => Server::new(uffd, ZeroHandler).spawn(),
-                    };
-                    ready_tx.send(()).unwrap();
-                    let _ = stop_rx.await;
-                    handle.shutdown().await.unwrap();
+                on_cpu_clock(|| {
+                    runtime_current().block_on(async move {
+                        let uffd = AsyncUffd::new(uffd).unwrap();
+                        let handle = match op {
+                            Op::Copy => {
+                                Server::new(uffd, SourceHandler::new(PatternSource)).spawn()
+                            }
+                            Op::Zero => Server::new(uffd, ZeroHandler).spawn(),
+                        };
+                        ready_tx.send(()).unwrap();
+                        let _ = stop_rx.await;
+                        handle.shutdown().await.unwrap();
+                    })
                 })
             });
             ready_rx.recv().unwrap();
