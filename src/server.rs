@@ -5,12 +5,13 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::asyncfd::{AsyncUffd, EventStream};
 use crate::error::{Error, ErrorKind, Result};
@@ -247,14 +248,14 @@ impl<H: FaultHandler> Server<H> {
     ///
     /// Needs a Tokio runtime with I/O and time enabled.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<ServerExit> {
-        let (tx, rx) = watch::channel(false);
-        let server = self.run_until(rx);
+        let stop = Arc::new(StopSignal::default());
+        let server = self.run_until(stop.clone());
         tokio::pin!(server);
         tokio::select! {
             r = &mut server => return r,
             () = shutdown => {}
         }
-        let _ = tx.send(true);
+        stop.stop();
         server.await
     }
 
@@ -265,19 +266,19 @@ impl<H: FaultHandler> Server<H> {
     ///
     /// Outside a Tokio runtime.
     pub fn spawn(self) -> ServerHandle {
-        let (tx, rx) = watch::channel(false);
+        let stop = Arc::new(StopSignal::default());
         let stats = self.stats.clone();
         let uffd = self.uffd.clone();
-        let task = tokio::spawn(self.run_until(rx));
+        let task = tokio::spawn(self.run_until(stop.clone()));
         ServerHandle {
-            stop: tx,
+            stop,
             stats,
             uffd,
             task: Some(task),
         }
     }
 
-    async fn run_until(self, stop: watch::Receiver<bool>) -> Result<ServerExit> {
+    async fn run_until(self, stop: Arc<StopSignal>) -> Result<ServerExit> {
         let page_size = self.uffd.page_size();
         let tracks_removal = self.uffd.features().contains(Features::EVENT_REMOVE);
         let stream = self.uffd.event_stream_with_batch(self.batch)?;
@@ -310,7 +311,7 @@ impl<H: FaultHandler> Server<H> {
 /// [`AsyncUffd`] for as long as the memory must stay served.
 #[derive(Debug)]
 pub struct ServerHandle {
-    stop: watch::Sender<bool>,
+    stop: Arc<StopSignal>,
     stats: Arc<Stats>,
     uffd: AsyncUffd,
     task: Option<tokio::task::JoinHandle<Result<ServerExit>>>,
@@ -341,7 +342,7 @@ impl ServerHandle {
     /// kernel, their threads asleep, until the userfaultfd is read by
     /// someone else or closed.
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
     }
 
     /// Whether the server has ended.
@@ -390,7 +391,80 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
+    }
+}
+
+/// The stop signal of a server and of the servers of its forked children.
+///
+/// A reader checks it every time it waits for the next event, so it costs
+/// one atomic load there; a `watch` channel would take a lock each time.
+#[derive(Debug, Default)]
+struct StopSignal {
+    stopped: AtomicBool,
+    /// The readers waiting, woken (and forgotten) by `stop`.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl StopSignal {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+}
+
+/// One reader's wait for its [`StopSignal`].
+#[derive(Debug)]
+struct StopWait {
+    signal: Arc<StopSignal>,
+    /// The waker this reader left with the signal, if any.
+    registered: Option<Waker>,
+}
+
+impl StopWait {
+    fn new(signal: Arc<StopSignal>) -> Self {
+        Self {
+            signal,
+            registered: None,
+        }
+    }
+
+    /// Ready once stopped; registers `cx`'s waker only when it is not the
+    /// one already registered (a task's waker seldom changes).
+    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.is_stopped() {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let mut waiting = self
+            .signal
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Checked again under the lock: `stop` sets the flag before it takes
+        // the list, so a stop either is seen here or finds this waker.
+        if self.signal.is_stopped() {
+            return Poll::Ready(());
+        }
+        if let Some(old) = self.registered.take() {
+            waiting.retain(|w| !w.will_wake(&old));
+        }
+        waiting.push(cx.waker().clone());
+        self.registered = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -906,7 +980,7 @@ struct Reader<H> {
     tids: HashSet<u32, PageHash>,
     last_tid: u32,
     /// The stop signal, shared with the servers of forked children.
-    stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
     /// The servers of forked children: awaited when this one stops (they
     /// stop with it), left running (detached) when it ends otherwise.
     children: Vec<tokio::task::JoinHandle<()>>,
@@ -917,7 +991,7 @@ impl<H: FaultHandler> Reader<H> {
         shared: Arc<Shared<H>>,
         layout: Layout,
         tids: impl IntoIterator<Item = u32>,
-        stop: watch::Receiver<bool>,
+        stop: Arc<StopSignal>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(shared.concurrency));
@@ -946,16 +1020,7 @@ impl<H: FaultHandler> Reader<H> {
         if let Some(gate) = &self.shared.gate {
             stream.set_removal_gate(gate.clone());
         }
-        // Resolves once the stop signal is given (or its sender is gone).
-        let mut stop = self.stop.clone();
-        let stop_signal = async move {
-            while !*stop.borrow_and_update() {
-                if stop.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::pin!(stop_signal);
+        let mut stop = StopWait::new(self.stop.clone());
         let mut stopping = false;
         loop {
             if stopping && self.inflight == 0 && self.parked.is_empty() {
@@ -977,7 +1042,7 @@ impl<H: FaultHandler> Reader<H> {
                 Some(done) = self.rx.recv(), if self.inflight > 0 => self.finish(done).await,
                 event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
                 _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
-                () = &mut stop_signal, if !stopping => {
+                () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if !stopping => {
                     stopping = true;
                     Ok(None)
                 }
