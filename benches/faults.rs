@@ -22,6 +22,7 @@ fn latency(c: &mut Criterion) {
             for path in [
                 Path::RawRead,
                 Path::RawPoll,
+                Path::RawEpoll,
                 Path::Sync,
                 Path::StreamCurrent,
                 Path::StreamMulti,

@@ -20,6 +20,8 @@ use std::time::Duration;
 use harness::{Op, Path, Pin, Side};
 
 const RUNS: usize = 7;
+/// Rounds of the latency cases: they are short, and noisier than the rest.
+const LATENCY_RUNS: usize = 15;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -38,12 +40,30 @@ struct Row {
     floor: f64,
     target: &'static str,
     syscalls: Option<(f64, f64)>,
+    /// Handler thread CPU time per fault (crate, floor), in microseconds.
+    cpu: Option<(f64, f64)>,
+    /// Set for rows whose ratio is the median of per-round ratios.
+    paired: Option<f64>,
 }
 
 impl Row {
+    fn new(group: &'static str, case: String, unit: &'static str, krate: f64, floor: f64) -> Self {
+        Row {
+            group,
+            case,
+            unit,
+            krate,
+            floor,
+            target: "",
+            syscalls: None,
+            cpu: None,
+            paired: None,
+        }
+    }
+
     /// Crate over floor: for latency lower is better, for rates higher.
     fn ratio(&self) -> f64 {
-        self.krate / self.floor
+        self.paired.unwrap_or(self.krate / self.floor)
     }
 }
 
@@ -84,56 +104,57 @@ fn main() {
     let run = |group: &str| only.as_ref().is_none_or(|o| group.contains(o.as_str()));
     let mut rows = Vec::new();
     let faults = 3000;
-    let paths = [
-        (Path::Sync, "<= 1.05"),
-        (Path::StreamCurrent, "<= 1.15"),
-        (Path::StreamMulti, ""),
-        (Path::Server, "<= 1.30"),
-    ];
     for (op, opn) in [(Op::Copy, "copy"), (Op::Zero, "zeropage")] {
         if !run("fault latency") {
             break;
         }
         for (pin, pinn) in [(Pin::SameCore, "same core"), (Pin::OtherCore, "other core")] {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / faults as f64;
-            // Interleaved: every run measures the floor and every path
-            // back to back, so that drift in the machine hits them alike.
+            // Interleaved: every round measures the floor and every path
+            // back to back (in an order that rotates), so that drift in the
+            // machine hits them alike; a path's ratio is the median of its
+            // per-round ratios to the same round's floor.
             let all = [
-                Path::RawRead,
-                Path::RawPoll,
-                Path::Sync,
-                Path::StreamCurrent,
-                Path::StreamMulti,
-                Path::Server,
+                (Path::RawRead, ""),
+                (Path::RawPoll, ""),
+                (Path::RawEpoll, ""),
+                (Path::Sync, "<= 1.05"),
+                (Path::StreamCurrent, "<= 1.15"),
+                (Path::StreamMulti, ""),
+                (Path::Server, "<= 1.30"),
             ];
-            let mut times: Vec<Vec<Duration>> = vec![Vec::new(); all.len()];
-            for _ in 0..RUNS {
-                for (i, &path) in all.iter().enumerate() {
-                    times[i].push(harness::latency(path, op, pin, faults));
+            let mut lat = vec![Vec::new(); all.len()];
+            let mut cpu = vec![Vec::new(); all.len()];
+            for round in 0..LATENCY_RUNS {
+                for k in 0..all.len() {
+                    let i = (k + round) % all.len();
+                    lat[i].push(per(harness::latency(all[i].0, op, pin, faults)));
+                    cpu[i].push(per(harness::last_handler_cpu()));
                 }
             }
-            let mut medians = times.into_iter().map(|t| per(median(t)));
-            let floor = medians.next().unwrap();
-            let poll = medians.next().unwrap();
-            rows.push(Row {
-                group: "fault latency",
-                case: format!("{opn}, {pinn}: raw poll+read+ioctl"),
-                unit: "us/fault",
-                krate: poll,
-                floor,
-                target: "",
-                syscalls: None,
-            });
-            for ((path, target), v) in paths.into_iter().zip(medians) {
-                rows.push(Row {
-                    group: "fault latency",
-                    case: format!("{opn}, {pinn}: {}", path.name()),
-                    unit: "us/fault",
-                    krate: v,
+            let medf = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let floor = medf(&lat[0]);
+            let floor_cpu = medf(&cpu[0]);
+            for (i, &(path, target)) in all.iter().enumerate().skip(1) {
+                let ratios: Vec<f64> = lat[i].iter().zip(&lat[0]).map(|(c, f)| c / f).collect();
+                let mut row = Row::new(
+                    "fault latency",
+                    format!("{opn}, {pinn}: {}", path.name()),
+                    "us/fault",
+                    medf(&lat[i]),
                     floor,
-                    target,
-                    syscalls: None,
-                });
+                );
+                row.target = target;
+                row.paired = Some(medf(&ratios));
+                // The multi-thread runtime's worker is not measured.
+                if path != Path::StreamMulti {
+                    row.cpu = Some((medf(&cpu[i]), floor_cpu));
+                }
+                rows.push(row);
             }
             eprintln!("measured latency: {opn}, {pinn}");
         }
@@ -152,6 +173,7 @@ fn main() {
         let name = row.case.rsplit(": ").next().unwrap().to_string();
         let key = match name.as_str() {
             "raw poll+read+ioctl" => "poll",
+            "raw epoll+read+ioctl" => "epoll",
             "sync Uffd" => "sync",
             "EventStream current-thread" => "stream-current",
             "EventStream multi-thread" => "stream-multi",
@@ -171,15 +193,15 @@ fn main() {
         let rate = |d: Duration| (threads * per) as f64 / d.as_secs_f64();
         let floor = rate(med(|| harness::throughput(Side::Raw, threads, per)));
         let krate = rate(med(|| harness::throughput(Side::Server, threads, per)));
-        rows.push(Row {
-            group: "throughput",
-            case: format!("{threads} faulting thread(s): Server"),
-            unit: "pages/s",
+        let mut row = Row::new(
+            "throughput",
+            format!("{threads} faulting thread(s): Server"),
+            "pages/s",
             krate,
             floor,
-            target: "grows with threads",
-            syscalls: None,
-        });
+        );
+        row.target = "grows with threads";
+        rows.push(row);
     }
     eprintln!("measured throughput");
 
@@ -199,15 +221,15 @@ fn main() {
                 .map(|_| harness::fault_around(Side::Server, window, mib))
                 .collect(),
         ));
-        rows.push(Row {
-            group: "fault-around",
-            case: format!("sequential {mib} MiB, window {window}: Server"),
-            unit: "MiB/s",
+        let mut row = Row::new(
+            "fault-around",
+            format!("sequential {mib} MiB, window {window}: Server"),
+            "MiB/s",
             krate,
             floor,
-            target: if window > 1 { ">= 0.90" } else { "" },
-            syscalls: None,
-        });
+        );
+        row.target = if window > 1 { ">= 0.90" } else { "" };
+        rows.push(row);
     }
     eprintln!("measured fault-around");
 
@@ -231,23 +253,23 @@ fn main() {
         if threads == 1 {
             one = (krate, floor);
         }
-        rows.push(Row {
-            group: "slow source (200 us/page)",
-            case: format!(
+        let mut row = Row::new(
+            "slow source (200 us/page)",
+            format!(
                 "{threads} faulting thread(s): Server (x{:.1} of its 1-thread figure; sync x{:.1})",
                 krate / one.0,
                 floor / one.1
             ),
-            unit: "pages/s",
+            "pages/s",
             krate,
             floor,
-            target: if threads > 1 {
-                ">= 0.8 x T x 1-thread"
-            } else {
-                ""
-            },
-            syscalls: None,
-        });
+        );
+        row.target = if threads > 1 {
+            ">= 0.8 x T x 1-thread"
+        } else {
+            ""
+        };
+        rows.push(row);
     }
     eprintln!("measured slow sources");
 
@@ -261,27 +283,34 @@ fn main() {
     let _ = writeln!(md, "# tokio-uffd benchmark summary\n");
     let _ = writeln!(
         md,
-        "Machine: {} cores, kernel {}, page size {}. Each figure is the median of {RUNS} runs \
-         (3 for fault-around and slow sources); the floor is a raw synchronous handler \
+        "Machine: {} cores, kernel {}, page size {}. The floor is a raw synchronous handler \
          (one thread, blocking `read(2)` + one `ioctl`, libc only) measured in the same run. \
-         Ratio = crate / floor (for latency lower is better; for rates higher is better).\n",
+         Ratio = crate / floor (for latency lower is better; for rates higher is better). \
+         Latency: medians of {LATENCY_RUNS} interleaved rounds of {faults} faults, the ratio \
+         being the median of the per-round ratios; handler CPU is the handler thread's CPU \
+         time (user and system) per fault. Throughput: medians of {RUNS} runs; fault-around \
+         and slow sources: of 3.\n",
         harness::cpus(),
         kernel(),
         harness::page_size()
     );
     let _ = writeln!(
         md,
-        "| group | case | crate | floor | unit | ratio | target | syscalls/fault (crate / floor) |"
+        "| group | case | crate | floor | unit | ratio | target | syscalls/fault (crate / floor) | handler CPU us/fault (crate / floor) |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---|---:|---|---|");
+    let _ = writeln!(md, "|---|---|---:|---:|---|---:|---|---|---|");
     for r in &rows {
         let sc = r
             .syscalls
             .map(|(c, f)| format!("{c:.2} / {f:.2}"))
             .unwrap_or_default();
+        let cpu = r
+            .cpu
+            .map(|(c, f)| format!("{c:.2} / {f:.2}"))
+            .unwrap_or_default();
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {} | {:.2} | {} | {} | {} |",
             r.group,
             r.case,
             r.krate,
@@ -289,7 +318,8 @@ fn main() {
             r.unit,
             r.ratio(),
             r.target,
-            sc
+            sc,
+            cpu
         );
     }
     let _ = writeln!(
