@@ -681,13 +681,22 @@ pub enum Side {
 
 /// Runs the server for `uffd` with `make` on its own current-thread
 /// runtime thread until the returned guard is dropped.
+/// The runtime a benchmark's server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    /// Current-thread, on the server's thread.
+    Current,
+    /// Multi-thread (as `#[tokio::main]` builds), a worker per CPU.
+    Multi,
+}
+
 struct ServerThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServerThread {
-    fn start<F>(uffd: Uffd, cpu: Option<usize>, make: F) -> Self
+    fn start<F>(uffd: Uffd, runtime: Runtime, cpu: Option<usize>, make: F) -> Self
     where
         F: FnOnce(AsyncUffd) -> tokio_uffd::ServerHandle + Send + 'static,
     {
@@ -697,7 +706,15 @@ impl ServerThread {
             if let Some(cpu) = cpu {
                 pin(cpu);
             }
-            runtime_current().block_on(async move {
+            let rt = match runtime {
+                Runtime::Current => runtime_current(),
+                Runtime::Multi => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(cpus())
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+            };
+            rt.block_on(async move {
                 let handle = make(AsyncUffd::new(uffd).unwrap());
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;
@@ -750,7 +767,7 @@ pub fn throughput(side: Side, threads: usize, per_thread: usize) -> Duration {
         }
         Side::Server => {
             let uffd = crate_uffd(&mem);
-            guard = Some(ServerThread::start(uffd, None, |u| {
+            guard = Some(ServerThread::start(uffd, Runtime::Current, None, |u| {
                 Server::new(u, SourceHandler::new(PatternSource)).spawn()
             }));
             raw_fd = None;
@@ -836,7 +853,7 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
         Side::Server => {
             let uffd = crate_uffd(&mem);
             let source = MemorySource::new(img.clone());
-            let guard = ServerThread::start(uffd, Some(0), move |u| {
+            let guard = ServerThread::start(uffd, Runtime::Current, Some(0), move |u| {
                 Server::new(u, SourceHandler::new(source))
                     .regions([Region::new(base, len, page, 0)])
                     .prefetch(window)
@@ -944,8 +961,10 @@ impl PageSource for SlowSource {
 }
 
 /// `threads` faulting threads, `per_thread` faults each, every page taking
-/// `SLOW_FETCH` to fetch: the wall time. `Side::Raw` is a synchronous
-/// one-thread handler that sleeps per fault, like a blocking fetch.
+/// `SLOW_FETCH` to fetch: the wall time. `Side::Server` runs on a
+/// multi-thread runtime, as an application waiting on many fetches would;
+/// `Side::Raw` is a synchronous one-thread handler that sleeps per fault,
+/// like a blocking fetch.
 pub fn slow_source(side: Side, threads: usize, per_thread: usize) -> Duration {
     let page = page_size();
     let mem = Arc::new(Mapping::new((threads * per_thread + 1) * page));
@@ -979,7 +998,7 @@ pub fn slow_source(side: Side, threads: usize, per_thread: usize) -> Duration {
         }
         Side::Server => {
             let uffd = crate_uffd(&mem);
-            guard = Some(ServerThread::start(uffd, None, |u| {
+            guard = Some(ServerThread::start(uffd, Runtime::Multi, None, |u| {
                 Server::new(u, SourceHandler::new(SlowSource))
                     .concurrency(64)
                     .spawn()
