@@ -722,6 +722,26 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
     apply_and_account(shared, job)
 }
 
+/// Decides `job` at once if the handler has the bytes of every run in
+/// memory ([`FaultHandler::bytes_for`]); false (and nothing decided)
+/// otherwise.
+fn decide_direct<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> bool {
+    if job.decided
+        || !job
+            .runs()
+            .iter()
+            .all(|run| shared.handler.bytes_for(&request(job, run)).is_some())
+    {
+        return false;
+    }
+    for run in &mut job.runs[..job.nruns] {
+        run.resolution = Some(Resolution::Copy);
+        run.direct = true;
+    }
+    job.decided = true;
+    true
+}
+
 /// The handler's view of one run of `job`.
 fn request(job: &Job, run: &Run) -> FaultRequest {
     FaultRequest {
@@ -778,7 +798,9 @@ fn apply_and_account<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outc
         } else if job.zero_fill {
             Stats::add(&stats.pages_zeroed_after_remove, pages);
         } else {
-            Stats::add(&stats.pages_prefetched, pages.saturating_sub(1));
+            if pages > 1 {
+                Stats::add(&stats.pages_prefetched, pages - 1);
+            }
         }
         stats.record_latency(job.read_at.elapsed());
     }
@@ -1077,6 +1099,9 @@ impl<H: FaultHandler> Reader<H> {
                 return Ok(Some(exit));
             }
         }
+        if self.parked.is_empty() {
+            return Ok(None);
+        }
         self.retry_parked().await
     }
 
@@ -1170,8 +1195,9 @@ impl<H: FaultHandler> Reader<H> {
     /// costs no task and no wake-up), then, if it has to wait, in a task of
     /// its own under the concurrency limit.
     async fn start(&mut self, mut job: Box<Job>) -> Result<Option<ServerExit>> {
-        if job.zero_fill {
-            // Freed pages: zeros, without the handler.
+        if job.zero_fill || decide_direct(&self.shared, &mut job) {
+            // Freed pages (zeros, without the handler), or a handler that
+            // has every byte at hand: no future to poll.
             let outcome = apply_and_account(&self.shared, &mut job);
             return self.finish(Done { job, outcome }).await;
         }
