@@ -149,6 +149,7 @@ impl AsyncUffd {
             uffd: self.clone(),
             buf: EventBuffer::new(batch),
             gate: None,
+            early: EarlyRead::default(),
         })
     }
 
@@ -199,6 +200,46 @@ pub struct EventStream {
     buf: EventBuffer,
     /// The server's removal gate, held for writing across each read.
     gate: Option<Arc<RemovalGate>>,
+    early: EarlyRead,
+}
+
+/// When to read the userfaultfd before the reactor says it is readable.
+///
+/// A thread woken by a resolution often faults again at once: on the
+/// handler's own CPU it runs before the handler has even returned from the
+/// ioctl. Its message is then queued by the time the stream is polled
+/// again, and reading it straight away saves the reactor's `epoll_wait(2)`
+/// and the wake-up of the task. Where faults do not come back to back
+/// (each such read finding the queue empty) the attempts back off
+/// exponentially, to one in [`MAX_SKIP`]` + 1` waits.
+#[derive(Debug, Default)]
+struct EarlyRead {
+    /// Waits to let pass before the next attempt.
+    skip: u32,
+    /// Waits skipped after the last failed attempt.
+    backoff: u32,
+}
+
+const MAX_SKIP: u32 = 63;
+
+impl EarlyRead {
+    /// Whether to try a read now.
+    fn attempt(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    fn found(&mut self, messages: bool) {
+        if messages {
+            self.backoff = 0;
+        } else {
+            self.backoff = (self.backoff * 2 + 1).min(MAX_SKIP);
+            self.skip = self.backoff;
+        }
+    }
 }
 
 impl fmt::Debug for EventStream {
@@ -231,6 +272,11 @@ impl EventStream {
     /// it had room for (the kernel wakes the reactor for every message it
     /// queues, and Tokio ignores a clear that races with a newer wake-up, so
     /// no message is missed; this saves one `read(2)` per fault).
+    ///
+    /// When the reactor has nothing and recent faults came back to back,
+    /// the stream reads once more before it waits (with the waker already
+    /// registered): a message queued meanwhile is returned without a trip
+    /// through the reactor. Such reads back off while they find nothing.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event>> {
         // Yielding buffered events costs Tokio's cooperative budget too, so
         // a flood of faults cannot starve the other tasks of the runtime.
@@ -240,8 +286,28 @@ impl EventStream {
                 coop.made_progress();
                 return Poll::Ready(event);
             }
-            let mut guard = ready!(self.uffd.inner.fd.poll_read_ready(cx))
-                .map_err(|source| Error::Read { source })?;
+            let mut guard = match self.uffd.inner.fd.poll_read_ready(cx) {
+                Poll::Ready(guard) => guard.map_err(|source| Error::Read { source })?,
+                Poll::Pending => {
+                    if !self.early.attempt() {
+                        return Poll::Pending;
+                    }
+                    // The waker is registered: if this finds nothing, a
+                    // message queued after it still wakes the task.
+                    let uffd = self.uffd.uffd();
+                    match gated(&self.gate, &mut self.buf, |buf| uffd.read_raw(buf)) {
+                        Ok(_) => {
+                            self.early.found(true);
+                            continue;
+                        }
+                        Err(ReadError::Os(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.early.found(false);
+                            return Poll::Pending;
+                        }
+                        Err(e) => return Poll::Ready(Err(e.into())),
+                    }
+                }
+            };
             let room = self.buf.capacity() - self.buf.len();
             let uffd = guard.get_inner();
             let read = gated(&self.gate, &mut self.buf, |buf| uffd.read_raw(buf));
@@ -349,3 +415,33 @@ const _: () = {
     assert_send::<EventStream>();
     assert_unpin::<EventStream>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attempts until one is allowed, and how many were skipped first.
+    fn skipped_before_next(e: &mut EarlyRead) -> u32 {
+        let mut n = 0;
+        while !e.attempt() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn early_reads_back_off_while_they_find_nothing_and_resume_on_a_find() {
+        let mut e = EarlyRead::default();
+        assert!(e.attempt(), "the first wait tries");
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            e.found(false);
+            gaps.push(skipped_before_next(&mut e));
+        }
+        assert_eq!(gaps, [1, 3, 7, 15, 31, 63, 63, 63]);
+        e.found(true);
+        assert!(e.attempt(), "a find makes the next wait try again");
+        e.found(false);
+        assert_eq!(skipped_before_next(&mut e), 1, "and restarts the backoff");
+    }
+}

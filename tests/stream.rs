@@ -110,6 +110,45 @@ fn stream_wakes_once_a_fault_arrives_and_not_before() {
 }
 
 #[test]
+fn a_fault_queued_since_the_last_poll_is_read_without_the_reactor() {
+    let Some((uffd, mem)) = registered(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    // A current-thread runtime that nobody drives: its reactor never runs,
+    // so only the stream's own early read can see the message.
+    let rt = current_thread_rt();
+    let _guard = rt.enter();
+    let uffd = AsyncUffd::new(uffd).unwrap();
+    let fd = uffd.as_raw_fd();
+    let mut stream = uffd.event_stream().unwrap();
+    let rec = Arc::new(RecordingWaker::default());
+    let waker = Waker::from(rec.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(stream.poll_event(&mut cx).is_pending());
+
+    let addr = mem.addr;
+    let toucher = thread::spawn(move || read_at(addr));
+    assert!(
+        readable_within(fd, BOUND.as_millis() as i32),
+        "no fault queued"
+    );
+    // The early reads back off after finding nothing, to one poll in 64 at
+    // most: within 64 polls one of them reads.
+    let fault = (0..64)
+        .find_map(|_| match stream.poll_event(&mut cx) {
+            Poll::Ready(Ok(Event::PageFault(f))) => Some(f),
+            Poll::Ready(other) => panic!("expected a page fault, got {other:?}"),
+            Poll::Pending => None,
+        })
+        .expect("the queued fault was not read without the reactor");
+    assert_eq!(fault.page_start(page), mem.addr);
+    uffd.zeropage(mem.addr, page, ZeropageFlags::empty())
+        .unwrap();
+    assert_eq!(toucher.join().unwrap(), 0);
+}
+
+#[test]
 fn stream_does_not_busy_loop_while_idle() {
     let Some((uffd, mem)) = registered(1, Features::empty()) else {
         return;
