@@ -111,6 +111,13 @@ fn main() {
             break;
         }
         for (pin, pinn) in [(Pin::SameCore, "same core"), (Pin::OtherCore, "other core")] {
+            // A fault across cores costs about ten times one on the same
+            // core: fewer of them per round keep the run short.
+            let faults = if pin == Pin::SameCore {
+                faults
+            } else {
+                faults / 2
+            };
             let per = |d: Duration| d.as_secs_f64() * 1e6 / faults as f64;
             // Interleaved: every round measures the floor and every path
             // back to back (in an order that rotates), so that drift in the
@@ -162,28 +169,27 @@ fn main() {
         }
     }
 
-    // Syscalls per fault (copy, other core), counted with strace.
-    let floor_calls = if run("fault latency") {
-        syscalls_per_fault("raw")
-    } else {
-        None
-    };
-    for row in rows
-        .iter_mut()
-        .filter(|r| r.case.starts_with("copy, other core"))
-    {
-        let name = row.case.rsplit(": ").next().unwrap().to_string();
-        let key = match name.as_str() {
-            "raw poll+read+ioctl" => "poll",
-            "raw epoll+read+ioctl" => "epoll",
-            "sync Uffd" => "sync",
-            "EventStream current-thread" => "stream-current",
-            "EventStream multi-thread" => "stream-multi",
-            "Server" => "server",
-            _ => continue,
+    // Syscalls per fault (copy, on either core), counted with strace.
+    for (prefix, pin) in [("copy, same core", "same"), ("copy, other core", "other")] {
+        let floor_calls = if run("fault latency") {
+            syscalls_per_fault("raw", pin)
+        } else {
+            None
         };
-        if let (Some(c), Some(f)) = (syscalls_per_fault(key), floor_calls) {
-            row.syscalls = Some((c, f));
+        for row in rows.iter_mut().filter(|r| r.case.starts_with(prefix)) {
+            let name = row.case.rsplit(": ").next().unwrap().to_string();
+            let key = match name.as_str() {
+                "raw poll+read+ioctl" => "poll",
+                "raw epoll+read+ioctl" => "epoll",
+                "sync Uffd" => "sync",
+                "EventStream current-thread" => "stream-current",
+                "EventStream multi-thread" => "stream-multi",
+                "Server" => "server",
+                _ => continue,
+            };
+            if let (Some(c), Some(f)) = (syscalls_per_fault(key, pin), floor_calls) {
+                row.syscalls = Some((c, f));
+            }
         }
     }
 
@@ -313,13 +319,15 @@ fn main() {
         "Machine: {} cores, kernel {}, page size {}. The floor is a raw synchronous handler \
          (one thread, blocking `read(2)` + one `ioctl`, libc only) measured in the same run. \
          Ratio = crate / floor (for latency lower is better; for rates higher is better). \
-         Latency: medians of {LATENCY_RUNS} interleaved rounds of {faults} faults, the ratio \
+         Latency: medians of {LATENCY_RUNS} interleaved rounds of {faults} faults ({} across \
+         cores), the ratio \
          being the median of the per-round ratios; handler CPU is the handler thread's CPU \
          time (user and system) per fault. Throughput: medians of {RUNS} runs; fault-around: of {RUNS} \
          paired rounds; slow sources: of {SLOW_RUNS} rounds.\n",
         harness::cpus(),
         kernel(),
-        harness::page_size()
+        harness::page_size(),
+        faults / 2
     );
     let _ = writeln!(
         md,
@@ -386,7 +394,7 @@ fn kernel() -> String {
 /// Syscalls per fault of one path (copy, handler on the other core): the
 /// difference between two runs of different lengths under `strace -f -c`,
 /// so that setup and teardown cancel out. `None` without strace.
-fn syscalls_per_fault(path: &str) -> Option<f64> {
+fn syscalls_per_fault(path: &str, pin: &str) -> Option<f64> {
     let count = |n: usize| -> Option<f64> {
         let file = std::env::temp_dir().join(format!(
             "tokio-uffd-strace-{}-{path}-{n}",
@@ -397,7 +405,7 @@ fn syscalls_per_fault(path: &str) -> Option<f64> {
             .args(["-f", "-c", "-o"])
             .arg(&file)
             .arg(&exe)
-            .args(["--syscall-case", path, &n.to_string()])
+            .args(["--syscall-case", path, &n.to_string(), "copy", pin])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
