@@ -100,7 +100,8 @@ impl AsyncUffd {
     }
 
     /// Like [`new`](Self::new), but hands the `Uffd` back on failure,
-    /// including when there is no current Tokio runtime.
+    /// including when there is no current Tokio runtime. A blocking `Uffd`
+    /// that the reactor refused comes back non-blocking.
     ///
     /// # Panics
     ///

@@ -79,8 +79,11 @@
 //!   resolved; if it is the thread that would read the event, nothing ever
 //!   resolves it. Fault from `std::thread`s, `spawn_blocking`, another
 //!   runtime or another process.
-//! - A userfaultfd must be non-blocking for `epoll`: this crate always
-//!   creates (and adopts) them with `O_NONBLOCK | O_CLOEXEC`.
+//! - A userfaultfd must be non-blocking for `epoll` (and `poll(2)`, which
+//!   reports `POLLERR` on a blocking one): this crate creates and adopts
+//!   them with `O_NONBLOCK | O_CLOEXEC`, unless asked for a blocking one
+//!   with [`UffdBuilder::blocking`], which [`AsyncUffd::new`] makes
+//!   non-blocking.
 //! - `UFFDIO_API` works once per fd. Features are negotiated when the
 //!   [`Uffd`] is built; [`UffdBuilder::require`] fails clearly when the
 //!   kernel lacks one.

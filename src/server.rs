@@ -249,6 +249,9 @@ impl<H: FaultHandler> Server<H> {
     /// Needs a Tokio runtime with I/O and time enabled.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<ServerExit> {
         let stop = Arc::new(StopSignal::default());
+        // However `run` ends (returned, failed, or its future dropped), the
+        // servers of forked children stop with it.
+        let _stop_children = StopOnDrop(stop.clone());
         let server = self.run_until(stop.clone());
         tokio::pin!(server);
         tokio::select! {
@@ -420,6 +423,16 @@ impl StopSignal {
     }
 }
 
+/// Gives the stop signal when dropped.
+#[derive(Debug)]
+struct StopOnDrop(Arc<StopSignal>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// One reader's wait for its [`StopSignal`].
 #[derive(Debug)]
 struct StopWait {
@@ -465,6 +478,22 @@ impl StopWait {
         waiting.push(cx.waker().clone());
         self.registered = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+impl Drop for StopWait {
+    /// A reader that ends before the stop (a forked child's, when its
+    /// process exits) takes its waker back: the list does not grow with
+    /// every child that came and went.
+    fn drop(&mut self) {
+        if let Some(old) = self.registered.take() {
+            let mut waiting = self
+                .signal
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            waiting.retain(|w| !w.will_wake(&old));
+        }
     }
 }
 
@@ -1412,6 +1441,7 @@ impl<H: FaultHandler> Reader<H> {
                         job.attempt += 1;
                         job.decided = false;
                         job.deadline = None;
+                        job.existed = 0;
                         for r in &mut job.runs[..job.nruns] {
                             r.resolution = None;
                             r.direct = false;
@@ -1601,4 +1631,62 @@ async fn sleep_until_retry(at: Option<Instant>) {
     let soon = Instant::now() + Duration::from_millis(1);
     let at = at.map_or(soon, |d| d.min(soon));
     tokio::time::sleep_until(at.into()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waiting(signal: &StopSignal) -> usize {
+        signal.waiting.lock().unwrap().len()
+    }
+
+    #[test]
+    fn a_reader_that_ends_before_the_stop_takes_its_waker_back() {
+        let signal = Arc::new(StopSignal::default());
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = StopWait::new(signal.clone());
+        assert!(wait.poll_stopped(&mut cx).is_pending());
+        // Polled again with the same waker: registered once.
+        assert!(wait.poll_stopped(&mut cx).is_pending());
+        assert_eq!(waiting(&signal), 1);
+        drop(wait);
+        assert_eq!(waiting(&signal), 0);
+        signal.stop();
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "a gone reader was woken");
+    }
+
+    #[test]
+    fn dropping_the_guard_of_run_stops_and_wakes_every_reader() {
+        let signal = Arc::new(StopSignal::default());
+        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::default()).collect();
+        let mut waits: Vec<StopWait> = (0..3).map(|_| StopWait::new(signal.clone())).collect();
+        for (wait, count) in waits.iter_mut().zip(&counts) {
+            let waker = Waker::from(count.clone());
+            assert!(wait
+                .poll_stopped(&mut Context::from_waker(&waker))
+                .is_pending());
+        }
+        drop(StopOnDrop(signal.clone()));
+        for (wait, count) in waits.iter_mut().zip(&counts) {
+            assert_eq!(count.0.load(Ordering::SeqCst), 1);
+            let waker = Waker::from(count.clone());
+            assert!(wait
+                .poll_stopped(&mut Context::from_waker(&waker))
+                .is_ready());
+        }
+    }
 }

@@ -536,12 +536,22 @@ pub(crate) fn poll_error(fd: BorrowedFd<'_>) -> bool {
     n > 0 && pfd.revents & libc::POLLERR != 0
 }
 
-/// `poll(2)` for `POLLIN` on `fd` up to `timeout` (`None`: forever);
-/// whether it became readable. `EINTR` is retried.
+/// What [`poll_in`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PollIn {
+    Readable,
+    TimedOut,
+    /// `POLLERR` without `POLLIN`: for a userfaultfd, one that is blocking
+    /// or whose `UFFDIO_API` was not done.
+    Error,
+}
+
+/// `poll(2)` for `POLLIN` on `fd` up to `timeout` (`None`: forever):
+/// readable, timed out, or an error condition. `EINTR` is retried.
 pub(crate) fn poll_in(
     fd: BorrowedFd<'_>,
     timeout: Option<std::time::Duration>,
-) -> io::Result<bool> {
+) -> io::Result<PollIn> {
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     loop {
         let mut pfd = libc::pollfd {
@@ -552,7 +562,13 @@ pub(crate) fn poll_in(
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n >= 0 {
-            return Ok(n > 0 && pfd.revents & libc::POLLIN != 0);
+            return Ok(if pfd.revents & libc::POLLIN != 0 {
+                PollIn::Readable
+            } else if pfd.revents & libc::POLLERR != 0 {
+                PollIn::Error
+            } else {
+                PollIn::TimedOut
+            });
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

@@ -43,8 +43,9 @@ pub(crate) struct Parent {
     pub(crate) user_mode_only: bool,
 }
 
-/// A userfaultfd: an owned, non-blocking, close-on-exec file descriptor and
-/// what the kernel granted it.
+/// A userfaultfd: an owned, close-on-exec file descriptor (non-blocking
+/// unless made with [`UffdBuilder::blocking`]) and what the kernel granted
+/// it.
 ///
 /// Create one with [`UffdBuilder`] (or [`Uffd::new`]), adopt one received
 /// from another process with [`Uffd::from_fd`], or take one out of a
@@ -804,12 +805,23 @@ impl Uffd {
     ///
     /// # Errors
     ///
-    /// [`Error::Os`] if `poll` fails (an interrupted wait is retried).
+    /// [`Error::Os`] if `poll` fails (an interrupted wait is retried), or
+    /// if the uffd is blocking ([`UffdBuilder::blocking`]): the kernel
+    /// reports `POLLERR` for those, so there [`read_events`](Self::read_events)
+    /// does the waiting.
     pub fn wait_readable(&self, timeout: Option<std::time::Duration>) -> Result<bool> {
-        sys::poll_in(self.fd.as_fd(), timeout).map_err(|source| Error::Os {
+        let os = |source| Error::Os {
             what: "waiting for the userfaultfd with poll(2)",
             source,
-        })
+        };
+        match sys::poll_in(self.fd.as_fd(), timeout).map_err(os)? {
+            sys::PollIn::Readable => Ok(true),
+            sys::PollIn::TimedOut => Ok(false),
+            sys::PollIn::Error => Err(os(io::Error::other(
+                "poll(2) reports an error on a blocking userfaultfd (UffdBuilder::blocking): \
+                 call read_events, which waits by itself",
+            ))),
+        }
     }
 
     /// Reads as many queued messages as fit into the free space of `buf`

@@ -85,6 +85,12 @@ fn a_blocking_uffd_waits_in_read_events_until_a_fault_comes() {
         !is_nonblocking(uffd.as_raw_fd()),
         "blocking(true) gave O_NONBLOCK"
     );
+    // poll(2) reports POLLERR on a blocking userfaultfd: an error that says
+    // so, not a wait that returns at once.
+    let err = uffd
+        .wait_readable(None)
+        .expect_err("wait_readable on a blocking uffd");
+    assert!(err.to_string().contains("read_events"), "{err}");
     let page = page_size();
     let mem = Mapping::anon(page);
     // SAFETY: a fresh private mapping of this test's own.
