@@ -888,9 +888,14 @@ pub const SLOW_FETCH: Duration = Duration::from_micros(200);
 /// for a network round trip or an asynchronous disk read: the fetching
 /// task is woken by another thread when the data is there.
 struct Timer {
-    state: std::sync::Mutex<Vec<(Instant, std::task::Waker)>>,
+    state: std::sync::Mutex<Vec<(Instant, Arc<WakerSlot>)>>,
     cv: std::sync::Condvar,
 }
+
+/// Where a pending [`Delay`] keeps the waker of its latest poll, as a real
+/// timer or socket does: polled again (say by another task), it replaces
+/// the waker instead of adding a second one to wake.
+type WakerSlot = std::sync::Mutex<Option<std::task::Waker>>;
 
 fn timer() -> &'static Timer {
     static TIMER: OnceLock<&'static Timer> = OnceLock::new();
@@ -906,7 +911,9 @@ fn timer() -> &'static Timer {
                 let mut i = 0;
                 while i < due.len() {
                     if due[i].0 <= now {
-                        due.swap_remove(i).1.wake();
+                        if let Some(w) = due.swap_remove(i).1.lock().unwrap().take() {
+                            w.wake();
+                        }
                     } else {
                         i += 1;
                     }
@@ -923,8 +930,10 @@ fn timer() -> &'static Timer {
 }
 
 /// Resolves `SLOW_FETCH` after it is first polled.
+#[derive(Default)]
 struct Delay {
     at: Option<Instant>,
+    slot: Option<Arc<WakerSlot>>,
 }
 
 impl std::future::Future for Delay {
@@ -937,10 +946,19 @@ impl std::future::Future for Delay {
         if Instant::now() >= at {
             return std::task::Poll::Ready(());
         }
+        if let Some(slot) = &self.slot {
+            let mut w = slot.lock().unwrap();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+            return std::task::Poll::Pending;
+        }
+        let slot = Arc::new(std::sync::Mutex::new(Some(cx.waker().clone())));
+        self.slot = Some(slot.clone());
         let t = timer();
         let mut due = t.state.lock().unwrap();
         let earliest = due.iter().map(|d| d.0).min();
-        due.push((at, cx.waker().clone()));
+        due.push((at, slot));
         // The timer thread only needs waking for a new earliest deadline.
         if earliest.is_none_or(|e| at < e) {
             t.cv.notify_one();
@@ -954,7 +972,7 @@ struct SlowSource;
 
 impl PageSource for SlowSource {
     async fn read_at(&self, _offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        Delay { at: None }.await;
+        Delay::default().await;
         buf.fill(7);
         Ok(())
     }
