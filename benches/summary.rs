@@ -71,7 +71,7 @@ impl Row {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    // Re-executed under strace to count the syscalls of one case.
+    // Re-executed under perf or strace to count the syscalls of one case.
     if let Some(i) = args.iter().position(|a| a == "--syscall-case") {
         let path = parse_path(&args[i + 1]);
         let n: usize = args[i + 2].parse().unwrap();
@@ -169,7 +169,7 @@ fn main() {
         }
     }
 
-    // Syscalls per fault (copy, on either core), counted with strace.
+    // Syscalls per fault (copy, on either core).
     for (prefix, pin) in [("copy, same core", "same"), ("copy, other core", "other")] {
         let floor_calls = if run("fault latency") {
             syscalls_per_fault("raw", pin)
@@ -391,21 +391,49 @@ fn kernel() -> String {
         .unwrap_or_default()
 }
 
-/// Syscalls per fault of one path (copy, handler on the other core): the
-/// difference between two runs of different lengths under `strace -f -c`,
-/// so that setup and teardown cancel out. `None` without strace.
+/// Syscalls per fault of one path (copy, handler on the `pin` core): the
+/// difference between two runs of different lengths, so that setup and
+/// teardown cancel out. Counted with `perf stat` on the
+/// `raw_syscalls:sys_enter` tracepoint, which barely slows the run, or
+/// else with `strace -f -c`, which stretches every system call and so
+/// changes how faults and reads interleave. `None` with neither.
 fn syscalls_per_fault(path: &str, pin: &str) -> Option<f64> {
-    let count = |n: usize| -> Option<f64> {
+    let exe = std::env::current_exe().ok()?;
+    let case = |n: usize| {
+        let mut args: Vec<std::ffi::OsString> = vec![exe.clone().into()];
+        args.extend(
+            ["--syscall-case", path, &n.to_string(), "copy", pin]
+                .iter()
+                .map(Into::into),
+        );
+        args
+    };
+    let with_perf = |n: usize| -> Option<f64> {
+        let out = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "--"])
+            .args(case(n))
+            .stdout(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        // "12345,,raw_syscalls:sys_enter,..." on stderr.
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))?;
+        line.split(',').next()?.trim().parse().ok()
+    };
+    let with_strace = |n: usize| -> Option<f64> {
         let file = std::env::temp_dir().join(format!(
             "tokio-uffd-strace-{}-{path}-{n}",
             std::process::id()
         ));
-        let exe = std::env::current_exe().ok()?;
         let status = Command::new("strace")
             .args(["-f", "-c", "-o"])
             .arg(&file)
-            .arg(&exe)
-            .args(["--syscall-case", path, &n.to_string(), "copy", pin])
+            .args(case(n))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
@@ -423,8 +451,8 @@ fn syscalls_per_fault(path: &str, pin: &str) -> Option<f64> {
         let fields: Vec<&str> = total.split_whitespace().collect();
         fields.get(3)?.parse().ok()
     };
-    let (a, b) = (300, 1300);
-    let ca = count(a)?;
-    let cb = count(b)?;
-    Some((cb - ca) / (b - a) as f64)
+    let (a, b) = (1000, 6000);
+    let per_fault =
+        |count: &dyn Fn(usize) -> Option<f64>| Some((count(b)? - count(a)?) / (b - a) as f64);
+    per_fault(&with_perf).or_else(|| per_fault(&with_strace))
 }
