@@ -30,6 +30,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// The median of `v` (not empty).
+fn median_f64(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The median of the per-round ratios `krate[i] / floor[i]`: rounds that
+/// ran back to back share whatever the machine was doing then.
+fn paired_ratio(krate: &[f64], floor: &[f64]) -> f64 {
+    let ratios: Vec<f64> = krate.iter().zip(floor).map(|(k, f)| k / f).collect();
+    median_f64(&ratios)
+}
+
 fn med(f: impl Fn() -> Duration) -> Duration {
     median((0..RUNS).map(|_| f()).collect())
 }
@@ -141,27 +155,21 @@ fn main() {
                     cpu[i].push(per(harness::last_handler_cpu()));
                 }
             }
-            let medf = |v: &[f64]| {
-                let mut v = v.to_vec();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let floor = medf(&lat[0]);
-            let floor_cpu = medf(&cpu[0]);
+            let floor = median_f64(&lat[0]);
+            let floor_cpu = median_f64(&cpu[0]);
             for (i, &(path, target)) in all.iter().enumerate().skip(1) {
-                let ratios: Vec<f64> = lat[i].iter().zip(&lat[0]).map(|(c, f)| c / f).collect();
                 let mut row = Row::new(
                     "fault latency",
                     format!("{opn}, {pinn}: {}", path.name()),
                     "us/fault",
-                    medf(&lat[i]),
+                    median_f64(&lat[i]),
                     floor,
                 );
                 row.target = target;
-                row.paired = Some(medf(&ratios));
+                row.paired = Some(paired_ratio(&lat[i], &lat[0]));
                 // The multi-thread runtime's worker is not measured.
                 if path != Path::StreamMulti {
-                    row.cpu = Some((medf(&cpu[i]), floor_cpu));
+                    row.cpu = Some((median_f64(&cpu[i]), floor_cpu));
                 }
                 rows.push(row);
             }
@@ -233,19 +241,14 @@ fn main() {
                 floor.push(one(Side::Raw));
             }
         }
-        let medf = |v: Vec<f64>| {
-            let mut v = v;
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let mut row = Row::new(
             "fault-around",
             format!("sequential {mib} MiB, window {window}: Server"),
             "MiB/s",
-            medf(krate.clone()),
-            medf(floor.clone()),
+            median_f64(&krate),
+            median_f64(&floor),
         );
-        row.paired = Some(medf(krate.iter().zip(&floor).map(|(k, f)| k / f).collect()));
+        row.paired = Some(paired_ratio(&krate, &floor));
         row.target = if window > 1 { ">= 0.90" } else { "" };
         rows.push(row);
     }
@@ -270,20 +273,7 @@ fn main() {
                 sync[i].push(rate(harness::slow_source(Side::Raw, threads, per)));
             }
         }
-        let medf = |v: Vec<f64>| {
-            let mut v = v;
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let scale = |rates: &[Vec<f64>], i: usize| {
-            medf(
-                rates[i]
-                    .iter()
-                    .zip(&rates[0])
-                    .map(|(t, one)| t / one)
-                    .collect(),
-            )
-        };
+        let scale = |rates: &[Vec<f64>], i: usize| paired_ratio(&rates[i], &rates[0]);
         for (i, &threads) in counts.iter().enumerate() {
             let mut row = Row::new(
                 "slow source (200 us/page)",
@@ -293,8 +283,8 @@ fn main() {
                     scale(&sync, i)
                 ),
                 "pages/s",
-                medf(server[i].clone()),
-                medf(sync[i].clone()),
+                median_f64(&server[i]),
+                median_f64(&sync[i]),
             );
             row.target = if threads > 1 {
                 ">= 0.8 x T x 1-thread"
