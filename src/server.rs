@@ -699,19 +699,18 @@ struct Done {
     outcome: Outcome,
 }
 
-/// Calls the handler for every run of `job` (once), then applies. A failed
-/// prefetch run is dropped; only a failure of the faulting page's run fails
-/// the job.
+/// Calls the handler for every run of `job` that [`decide_direct`] left
+/// (once), then applies. A failed prefetch run is dropped; only a failure
+/// of the faulting page's run fails the job.
 async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
     if !job.decided {
+        // Runs marked direct were decided by `decide_direct` on the reader.
         for i in 0..job.nruns {
             let run = job.runs[i];
-            let req = request(job, &run);
-            if shared.handler.bytes_for(&req).is_some() {
-                job.runs[i].resolution = Some(Resolution::Copy);
-                job.runs[i].direct = true;
+            if run.direct {
                 continue;
             }
+            let req = request(job, &run);
             if job.buf.len() != job.buf_len {
                 // The buffer of a recycled job, or a new one.
                 job.buf.resize(job.buf_len, 0);
@@ -751,24 +750,26 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
     apply_and_account(shared, job)
 }
 
-/// Decides `job` at once if the handler has the bytes of every run in
-/// memory ([`FaultHandler::bytes_for`]); false (and nothing decided)
-/// otherwise.
+/// Marks the runs whose bytes the handler has in memory
+/// ([`FaultHandler::bytes_for`]) as copies straight from there, leaving the
+/// others to [`FaultHandler::fault`]; whether that decided every run (then
+/// `job` needs no future at all).
 fn decide_direct<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> bool {
-    if job.decided
-        || !job
-            .runs()
-            .iter()
-            .all(|run| shared.handler.bytes_for(&request(job, run)).is_some())
-    {
-        return false;
+    let mut all = true;
+    for i in 0..job.nruns {
+        let run = job.runs[i];
+        if run.direct {
+            continue;
+        }
+        if shared.handler.bytes_for(&request(job, &run)).is_some() {
+            job.runs[i].resolution = Some(Resolution::Copy);
+            job.runs[i].direct = true;
+        } else {
+            all = false;
+        }
     }
-    for run in &mut job.runs[..job.nruns] {
-        run.resolution = Some(Resolution::Copy);
-        run.direct = true;
-    }
-    job.decided = true;
-    true
+    job.decided = all;
+    all
 }
 
 /// The handler's view of one run of `job`.
@@ -1465,6 +1466,7 @@ impl<H: FaultHandler> Reader<H> {
             .await
             .expect("the semaphore is never closed");
         self.inflight += 1;
+        decide_direct(&self.shared, &mut job);
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
