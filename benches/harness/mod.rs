@@ -123,6 +123,12 @@ fn raw_resolve(fd: RawFd, op: Op, addr: usize, len: usize, src: *const u8) {
     }
 }
 
+/// The page of a raw page-fault message (`uffd_msg.arg.pagefault.address`
+/// at byte 16), for the handlers that use libc only.
+fn fault_page(msg: &[u8], page: usize) -> usize {
+    u64::from_ne_bytes(msg[16..24].try_into().unwrap()) as usize & !(page - 1)
+}
+
 /// The raw floor's handler loop: (poll +) read + one ioctl per fault, the
 /// aligned window of `window` pages around it (clipped to `base..end`)
 /// copied from `image` at the same offset. Ends after serving `sentinel`.
@@ -154,7 +160,7 @@ fn raw_handler(
         if n != 32 {
             continue; // EAGAIN after a spurious poll wake-up
         }
-        let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) as usize & !(page - 1);
+        let addr = fault_page(&msg, page);
         let wbytes = window * page;
         let start = if addr == sentinel {
             addr
@@ -216,7 +222,7 @@ fn raw_epoll_handler(fd: RawFd, op: Op, page: usize, sentinel: usize) {
         let n = n as usize;
         ready = n == msgs.len();
         for m in msgs[..n].chunks_exact(32) {
-            let addr = u64::from_ne_bytes(m[16..24].try_into().unwrap()) as usize & !(page - 1);
+            let addr = fault_page(m, page);
             raw_resolve(fd, op, addr, page, page_of_bytes().as_ptr());
             if addr == sentinel {
                 return;
@@ -1001,8 +1007,7 @@ pub fn slow_source(side: Side, threads: usize, per_thread: usize) -> Duration {
                     if n != 32 {
                         continue;
                     }
-                    let addr =
-                        u64::from_ne_bytes(msg[16..24].try_into().unwrap()) as usize & !(page - 1);
+                    let addr = fault_page(&msg, page);
                     if addr != sentinel {
                         std::thread::sleep(SLOW_FETCH);
                     }
