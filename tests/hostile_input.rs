@@ -8,7 +8,6 @@
 mod common;
 
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -197,9 +196,13 @@ fn misuse_gives_errors_that_say_what_is_wrong() {
     assert!(err.to_string().contains("page size"), "{err}");
 }
 
-/// Fails a third of the first attempts, then serves the image.
+/// Fails the first attempt at every third page, then serves the image.
+///
+/// Keyed by address, not by a call counter: with a counter, jobs that retry
+/// in lockstep can land on the failing calls every time, run out of
+/// attempts and poison a page, which this test must not do.
 struct Flaky {
-    calls: AtomicUsize,
+    failed: Mutex<std::collections::HashSet<usize>>,
     inner: SourceHandler<MemorySource>,
 }
 
@@ -209,7 +212,9 @@ impl FaultHandler for Flaky {
         req: &'a FaultRequest,
         buf: &'a mut [u8],
     ) -> Result<Resolution, HandlerError> {
-        if self.calls.fetch_add(1, Ordering::Relaxed) % 3 == 0 {
+        let first_try =
+            (req.addr / req.page_size) % 3 == 0 && self.failed.lock().unwrap().insert(req.addr);
+        if first_try {
             return Err("flaky source".into());
         }
         self.inner.fault(req, buf).await
@@ -236,7 +241,7 @@ fn handler_failures_under_load_never_hang_a_thread() {
         .unwrap();
     rt.block_on(async {
         let handler = Flaky {
-            calls: AtomicUsize::new(0),
+            failed: Mutex::default(),
             inner: SourceHandler::new(MemorySource::new(image.clone())),
         };
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
