@@ -1,5 +1,6 @@
 //! The fault server against the real kernel: duplicates, Remove, Remap,
-//! Fork, failure policies, EAGAIN parking, prefetch, a file-backed restore,
+//! Fork, failure policies, EAGAIN parking, prefetch (with jobs mixing runs
+//! served from memory and by the handler), a file-backed restore,
 //! graceful stop, the self-fault guard and the owning process exiting.
 //! Faults come from `std::thread`s or child processes; waits are bounded.
 
@@ -938,4 +939,104 @@ fn without_event_remove_a_freed_page_reads_zero_not_a_livelock() {
         assert_eq!(stats.pages_served, 2, "{stats:?}");
         assert_eq!(stats.pages_zeroed_after_remove, 1, "{stats:?}");
     });
+}
+
+/// Serves the run starting at `direct` from memory (`bytes_for`) and every
+/// other run through `fault`, recording where `fault` was called.
+struct SplitHandler {
+    inner: SourceHandler<MemorySource>,
+    direct: usize,
+    calls: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+}
+
+impl FaultHandler for SplitHandler {
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        if req.addr == self.direct {
+            self.inner.bytes_for(req)
+        } else {
+            None
+        }
+    }
+
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        self.calls.lock().unwrap().push((req.addr, req.len));
+        self.inner.fault(req, buf).await
+    }
+}
+
+/// One job whose runs are served partly from memory and partly by the
+/// handler. The window is pages 0..4 and page 1 was freed (a Remove), so
+/// the fault at page 2 makes a job of two runs: pages 2..4 (the fault's)
+/// and page 0 (prefetch). `fault_run_direct` picks which one is direct.
+fn a_job_mixing_direct_and_handler_runs(fault_run_direct: bool) {
+    let Some((uffd, mem)) = setup(4, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let len = 4 * page;
+    let base = mem.addr;
+    let (direct, via_handler) = if fault_run_direct {
+        (base + 2 * page, (base, page))
+    } else {
+        (base, (base + 2 * page, 2 * page))
+    };
+    let rt = rt();
+    rt.block_on(async {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handler = SplitHandler {
+            inner: SourceHandler::new(MemorySource::new(image(len))),
+            direct,
+            calls: calls.clone(),
+        };
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([Region::new(base, len, page, 0)])
+            .prefetch(4)
+            .spawn();
+        let bytes = tokio::task::spawn_blocking(move || {
+            // SAFETY: freeing a page of our own mapping. It was never
+            // touched: the server only learns that it reads zero.
+            let r = unsafe {
+                libc::madvise(
+                    (base + page) as *mut libc::c_void,
+                    page,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            // Page 2 first: its fault plans the job.
+            [2, 0, 1, 3].map(|p| read_at(base + p * page + 5))
+        });
+        let bytes = tokio::time::timeout(BOUND, bytes).await.unwrap().unwrap();
+        let stats = final_stats(handle).await;
+        assert_eq!(
+            bytes,
+            [
+                image_byte(2 * page + 5),
+                image_byte(5),
+                0,
+                image_byte(3 * page + 5)
+            ]
+        );
+        assert_eq!(*calls.lock().unwrap(), [via_handler]);
+        // Page 2's fault served the job, page 1's the zeros.
+        assert_eq!(stats.faults(), 2, "{stats:?}");
+        assert_eq!(stats.pages_served, 4, "{stats:?}");
+        assert_eq!(stats.pages_prefetched, 2, "{stats:?}");
+        assert_eq!(stats.pages_zeroed_after_remove, 1, "{stats:?}");
+        assert_eq!(stats.handler_failures, 0, "{stats:?}");
+    });
+}
+
+#[test]
+fn a_job_with_a_direct_fault_run_and_a_handler_prefetch_run() {
+    a_job_mixing_direct_and_handler_runs(true);
+}
+
+#[test]
+fn a_job_with_a_handler_fault_run_and_a_direct_prefetch_run() {
+    a_job_mixing_direct_and_handler_runs(false);
 }
