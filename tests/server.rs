@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use common::*;
@@ -19,31 +19,6 @@ use tokio_uffd::{
     AsyncUffd, FaultHandler, FaultRequest, Features, FileSource, HandlerError, MemorySource,
     Region, RegisterMode, Resolution, Server, ServerExit, SourceHandler, Uffd, UffdBuilder,
 };
-
-/// The byte at `offset` of the test image.
-fn image_byte(offset: usize) -> u8 {
-    (offset as u8) ^ ((offset >> 12) as u8).wrapping_mul(13) ^ 0x5a
-}
-
-fn image(len: usize) -> Vec<u8> {
-    (0..len).map(image_byte).collect()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Stops the server and returns its statistics once every fault in flight
-/// is finished (live statistics may trail the woken threads by a moment).
-async fn final_stats(handle: tokio_uffd::ServerHandle) -> tokio_uffd::StatsSnapshot {
-    let stats = handle.stats_ref();
-    assert_eq!(handle.shutdown().await.unwrap(), ServerExit::Stopped);
-    stats.snapshot()
-}
 
 /// A server for the test image on `len` bytes at `addr` (one region of
 /// base pages).
@@ -53,17 +28,6 @@ fn serve_image(uffd: Uffd, addr: usize, len: usize) -> tokio_uffd::ServerHandle 
     Server::new(AsyncUffd::new(uffd).unwrap(), source)
         .regions([Region::new(addr, len, page, 0)])
         .spawn()
-}
-
-/// A uffd with `features`, a registered anonymous mapping of `pages`.
-fn setup(pages: usize, features: Features) -> Option<(Uffd, Mapping)> {
-    let uffd = try_uffd(UffdBuilder::new().require(features))?;
-    let len = pages * uffd.page_size();
-    let mem = Mapping::anon(len);
-    // SAFETY: a fresh mapping, touched only by the tests' threads, whose
-    // faults the server resolves.
-    unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
-    Some((uffd, mem))
 }
 
 /// Counts handler calls around a memory source.
@@ -85,7 +49,7 @@ impl FaultHandler for Counting {
 
 #[test]
 fn duplicate_faults_from_eight_threads_run_the_handler_once() {
-    let Some((uffd, mem)) = setup(1, Features::EVENT_REMOVE) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::EVENT_REMOVE) else {
         return;
     };
     let page = uffd.page_size();
@@ -94,7 +58,7 @@ fn duplicate_faults_from_eight_threads_run_the_handler_once() {
         inner: SourceHandler::new(MemorySource::new(image(page))),
         calls: calls.clone(),
     };
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
             .regions([Region::new(mem.addr, page, page, 0)])
@@ -134,12 +98,12 @@ fn duplicate_faults_from_eight_threads_run_the_handler_once() {
 
 #[test]
 fn madv_dontneed_on_served_pages_makes_them_read_zero() {
-    let Some((uffd, mem)) = setup(4, Features::EVENT_REMOVE) else {
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_REMOVE) else {
         return;
     };
     let page = uffd.page_size();
     let len = 4 * page;
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = serve_image(uffd, mem.addr, len);
         let addr = mem.addr;
@@ -173,13 +137,13 @@ fn madv_dontneed_on_served_pages_makes_them_read_zero() {
 
 #[test]
 fn an_mremap_of_a_served_region_is_followed() {
-    let Some((uffd, mem)) = setup(4, Features::EVENT_REMAP) else {
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_REMAP) else {
         return;
     };
     let page = uffd.page_size();
     let len = 4 * page;
     let target = Mapping::anon(len);
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(
             AsyncUffd::new(uffd).unwrap(),
@@ -215,11 +179,11 @@ fn an_mremap_of_a_served_region_is_followed() {
 
 #[test]
 fn a_forked_child_is_served_by_the_same_handler() {
-    let Some((uffd, mem)) = setup(2, Features::EVENT_FORK) else {
+    let Some((uffd, mem)) = registered_anon(2, Features::EVENT_FORK) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = serve_image(uffd, mem.addr, 2 * page);
         let addr = mem.addr + page + 77;
@@ -272,7 +236,7 @@ fn child_failing_handler_entry() {
     let mem = Mapping::anon(2 * page);
     // SAFETY: fresh mapping served by the server below.
     unsafe { uffd.register(mem.addr, 2 * page, RegisterMode::MISSING) }.unwrap();
-    let rt = rt();
+    let rt = multi_thread_rt();
     let _guard = rt.enter();
     let handler = FailOn {
         bad_page: mem.addr + page,
@@ -333,7 +297,7 @@ impl FaultHandler for Gate {
 
 #[test]
 fn eagain_is_parked_and_resolved_once_the_pending_event_is_read() {
-    let Some((uffd, mem)) = setup(2, Features::EVENT_REMOVE) else {
+    let Some((uffd, mem)) = registered_anon(2, Features::EVENT_REMOVE) else {
         return;
     };
     let page = uffd.page_size();
@@ -387,12 +351,12 @@ fn eagain_is_parked_and_resolved_once_the_pending_event_is_read() {
 
 #[test]
 fn prefetch_serves_a_window_with_one_fault() {
-    let Some((uffd, mem)) = setup(64, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(64, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
     let len = 64 * page;
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(
             AsyncUffd::new(uffd).unwrap(),
@@ -453,7 +417,7 @@ fn a_file_backed_region_table_restores_64_mib_under_random_access() {
         Region::new(mem.addr, half, page, half as u64),
         Region::new(mem.addr + half, half, page, 0),
     ];
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), SourceHandler::new(source))
             .regions(regions)
@@ -521,7 +485,7 @@ impl FaultHandler for Held {
 
 #[test]
 fn graceful_stop_finishes_the_faults_in_flight() {
-    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
@@ -532,7 +496,7 @@ fn graceful_stop_finishes_the_faults_in_flight() {
         entered: entered.clone(),
         inner: SourceHandler::new(MemorySource::new(image(page))),
     };
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
             .regions([Region::new(mem.addr, page, page, 0)])
@@ -556,11 +520,11 @@ fn graceful_stop_finishes_the_faults_in_flight() {
 
 #[test]
 fn a_fault_from_the_servers_own_runtime_is_reported() {
-    let Some((uffd, mem)) = setup(1, Features::THREAD_ID) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::THREAD_ID) else {
         return;
     };
     let page = uffd.page_size();
-    let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tids = Arc::new(Mutex::new(Vec::new()));
     let t2 = tids.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -659,7 +623,7 @@ fn the_owning_process_exiting_ends_the_server_cleanly() {
         entered: entered.clone(),
         inner: SourceHandler::new(MemorySource::new(image(page))),
     };
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
             .regions([Region::new(addr, page, page, 0)])
@@ -698,11 +662,11 @@ impl FaultHandler for Flaky {
 
 #[test]
 fn the_retry_policy_runs_a_failed_handler_again() {
-    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handler = Flaky {
             failures: 2,
@@ -734,11 +698,11 @@ fn the_retry_policy_runs_a_failed_handler_again() {
 
 #[test]
 fn the_stop_policy_ends_the_server_with_the_error() {
-    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handler = Flaky {
             failures: usize::MAX,
@@ -775,11 +739,11 @@ fn the_stop_policy_ends_the_server_with_the_error() {
 
 #[test]
 fn faults_outside_every_region_are_served_page_by_page() {
-    let Some((uffd, mem)) = setup(3, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(3, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         // No regions: the source is read at offset = address.
         struct ByAddress;
@@ -805,11 +769,11 @@ fn faults_outside_every_region_are_served_page_by_page() {
 
 #[test]
 fn an_unmapped_range_is_forgotten() {
-    let Some((uffd, mem)) = setup(4, Features::EVENT_UNMAP) else {
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_UNMAP) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = serve_image(uffd, mem.addr, 4 * page);
         let addr = mem.addr;
@@ -843,7 +807,7 @@ fn hugetlb_regions_are_served_with_their_page_size_and_zeroed_after_remove() {
     };
     // SAFETY: fresh mapping served by the server below.
     unsafe { uffd.register(mem.addr, 2 * huge, RegisterMode::MISSING) }.unwrap();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(
             AsyncUffd::new(uffd).unwrap(),
@@ -891,7 +855,7 @@ fn shmem_minor_faults_are_continued_by_the_server() {
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), fill.ptr(0), len) };
     // SAFETY: fresh mapping served by the server below.
     unsafe { uffd.register(area.addr, len, RegisterMode::MINOR) }.unwrap();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(
             AsyncUffd::new(uffd).unwrap(),
@@ -918,11 +882,11 @@ fn without_event_remove_a_freed_page_reads_zero_not_a_livelock() {
     // Without EVENT_REMOVE the server is not told a served page was freed;
     // the next fault there must be resolved (with zeros, as the kernel
     // would map), not only woken, which would fault for ever.
-    let Some((uffd, mem)) = setup(1, Features::empty()) else {
+    let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
         return;
     };
     let page = uffd.page_size();
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = serve_image(uffd, mem.addr, page);
         let addr = mem.addr;
@@ -946,7 +910,7 @@ fn without_event_remove_a_freed_page_reads_zero_not_a_livelock() {
 struct SplitHandler {
     inner: SourceHandler<MemorySource>,
     direct: usize,
-    calls: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+    calls: Arc<Mutex<Vec<(usize, usize)>>>,
 }
 
 impl FaultHandler for SplitHandler {
@@ -973,7 +937,7 @@ impl FaultHandler for SplitHandler {
 /// the fault at page 2 makes a job of two runs: pages 2..4 (the fault's)
 /// and page 0 (prefetch). `fault_run_direct` picks which one is direct.
 fn a_job_mixing_direct_and_handler_runs(fault_run_direct: bool) {
-    let Some((uffd, mem)) = setup(4, Features::EVENT_REMOVE) else {
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_REMOVE) else {
         return;
     };
     let page = uffd.page_size();
@@ -984,9 +948,9 @@ fn a_job_mixing_direct_and_handler_runs(fault_run_direct: bool) {
     } else {
         (base, (base + 2 * page, 2 * page))
     };
-    let rt = rt();
+    let rt = multi_thread_rt();
     rt.block_on(async {
-        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls = Arc::new(Mutex::new(Vec::new()));
         let handler = SplitHandler {
             inner: SourceHandler::new(MemorySource::new(image(len))),
             direct,
