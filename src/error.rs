@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use crate::flags::Features;
 
@@ -250,14 +251,11 @@ pub enum Error {
     },
 
     /// A fault could not be resolved and the server's failure policy says
-    /// to stop (or to poison, and poisoning failed).
-    #[error("the fault at {addr:#x} could not be resolved: {reason}")]
-    Handler {
-        /// The faulting address.
-        addr: usize,
-        /// What went wrong.
-        reason: String,
-    },
+    /// to stop (or to poison, and poisoning failed). The [`FaultFailure`]
+    /// names the page, the source offset and the cause, which is this
+    /// error's [`source`](std::error::Error::source).
+    #[error(transparent)]
+    Handler(Box<FaultFailure>),
 
     /// The server itself failed (its task panicked or was cancelled).
     #[error("{reason}")]
@@ -290,6 +288,111 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a fault could not be served, with everything a user needs to find
+/// the page and the cause: the faulting address, the run of pages being
+/// resolved, the page source and the offset in it, and the original error
+/// (kept as [`source`](std::error::Error::source), never flattened into a
+/// string).
+///
+/// The server records the first and the latest of these in its
+/// [`Stats`](crate::Stats), and returns one in [`Error::Handler`] when its
+/// failure policy ends it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FaultFailure {
+    /// The faulting address as the kernel reported it.
+    pub fault_addr: usize,
+    /// First byte of the run of pages that failed.
+    pub addr: usize,
+    /// Bytes in that run.
+    pub len: usize,
+    /// The page source of the region (0 outside any region).
+    pub source: usize,
+    /// The offset of `addr` in that source; outside every region, `addr`.
+    pub offset: u64,
+    /// What the server did about it.
+    pub action: FailureAction,
+    /// What went wrong.
+    pub cause: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+/// What the server did with a fault it could not serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureAction {
+    /// The attempt is retried (by [`FailurePolicy::Retry`](crate::FailurePolicy::Retry)).
+    Retried,
+    /// The page was poisoned: the faulting thread gets `SIGBUS`.
+    Poisoned,
+    /// A prefetched run was dropped: those pages stay missing and are
+    /// served when they fault.
+    Dropped,
+    /// The server stopped (by [`FailurePolicy::Stop`](crate::FailurePolicy::Stop),
+    /// or because poisoning was impossible).
+    Stopped,
+}
+
+impl FailureAction {
+    fn describe(self) -> &'static str {
+        match self {
+            FailureAction::Retried => "retrying",
+            FailureAction::Poisoned => "the page was poisoned, the faulting thread gets SIGBUS",
+            FailureAction::Dropped => "the prefetched pages were left missing",
+            FailureAction::Stopped => "the server stopped",
+        }
+    }
+}
+
+impl fmt::Display for FaultFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "serving {:#x} bytes at {:#x} (fault at {:#x}) from source {} offset {:#x} failed ({}): {}",
+            self.len,
+            self.addr,
+            self.fault_addr,
+            self.source,
+            self.offset,
+            self.action.describe(),
+            self.cause
+        )
+    }
+}
+
+impl std::error::Error for FaultFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
+    }
+}
+
+/// The whole chain of `e`: its message, then each `source()` after `": "`.
+///
+/// Errors here keep their causes as `source()`; a report that prints only
+/// the outermost message loses them.
+///
+/// ```
+/// use std::io;
+/// let inner = io::Error::new(io::ErrorKind::NotFound, "no such object");
+/// let outer = tokio_uffd::Error::Os { what: "fetching page 7", source: inner };
+/// // `Os` prints its cause already: the chain does not repeat it.
+/// assert_eq!(tokio_uffd::error_chain(&outer), "fetching page 7: no such object");
+/// ```
+pub fn error_chain(e: &(dyn std::error::Error + '_)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Wrappers that repeat their cause's message (`transparent`) add
+        // nothing.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 fn ioctl_hint(op: Op, e: &io::Error) -> &'static str {
@@ -355,7 +458,7 @@ impl Error {
             Error::PartialMessage { .. }
             | Error::UnknownEvent { .. }
             | Error::BadMessage { .. }
-            | Error::Handler { .. }
+            | Error::Handler(_)
             | Error::Server { .. }
             | Error::StreamExists
             | Error::Os { .. } => ErrorKind::Other,

@@ -124,11 +124,12 @@ mod layout;
 mod server;
 mod source;
 mod stats;
+mod trace;
 pub mod sys;
 mod uffd;
 
 pub use asyncfd::{AsyncUffd, EventStream};
-pub use error::{Error, ErrorKind, Op, Result};
+pub use error::{error_chain, Error, ErrorKind, FailureAction, FaultFailure, Op, Result};
 pub use event::{
     decode_message, Event, EventBuffer, FaultKind, Fork, PageFault, RawEvent, Remap, Remove, Unmap,
     DEFAULT_BATCH,

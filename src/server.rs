@@ -14,7 +14,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::asyncfd::{AsyncUffd, EventStream};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, FailureAction, FaultFailure, Result};
 use crate::event::{Event, FaultKind, PageFault};
 use crate::flags::{
     ContinueFlags, CopyFlags, Features, PoisonFlags, UnprotectFlags, ZeropageFlags,
@@ -22,6 +22,7 @@ use crate::flags::{
 use crate::handler::{FaultHandler, FaultRequest, Resolution};
 use crate::layout::{Layout, Region};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::trace;
 
 /// What the server does when a handler fails (returns an error or panics)
 /// or a resolution cannot be applied.
@@ -691,7 +692,46 @@ enum Outcome {
     /// A Remove overlapping the job was read while it was in flight: plan
     /// the fault again.
     Replan,
-    Failed(String),
+    /// Run `run` of the job failed.
+    Failed { run: usize, cause: Cause },
+}
+
+/// The cause of a failure to serve, kept whole (with its own `source()`).
+type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Failures the server itself finds, as causes of a [`FaultFailure`].
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("the handler panicked: {0}")]
+    Panicked(String),
+    #[error("the handler's bytes_for returned nothing for a run it had returned bytes for")]
+    BytesGone,
+    #[error(
+        "the resolution kept failing with EAGAIN for {0:?}: the address space kept changing \
+         (a fork, mremap, MADV_DONTNEED or munmap whose event was never read?)"
+    )]
+    KeptChanging(Duration),
+    #[error("{cause}; poisoning the page failed too: {poison}{hint}")]
+    PoisonFailed {
+        #[source]
+        cause: Cause,
+        poison: Error,
+        hint: &'static str,
+    },
+}
+
+/// The report of run `run` of `job` failing with `cause`.
+fn failure(job: &Job, run: usize, cause: Cause, action: FailureAction) -> FaultFailure {
+    let r = job.runs.get(run).filter(|_| run < job.nruns);
+    FaultFailure {
+        fault_addr: job.fault.address,
+        addr: r.map_or(job.page, |r| r.addr),
+        len: r.map_or(job.page_size, |r| r.len),
+        source: job.source,
+        offset: r.map_or(job.page as u64, |r| r.offset),
+        action,
+        cause,
+    }
 }
 
 struct Done {
@@ -719,30 +759,29 @@ async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome 
             let result = AssertUnwindSafe(shared.handler.fault(&req, buf))
                 .catch_unwind()
                 .await;
-            let failure = match result {
+            let cause: Cause = match result {
                 Ok(Ok(r)) => {
                     job.runs[i].resolution = Some(r);
                     continue;
                 }
-                Ok(Err(e)) => handler_error(&req, &*e),
+                Ok(Err(e)) => Arc::from(e),
                 Err(panic) => {
                     let what = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
-                    format!(
-                        "the handler panicked serving {:#x}+{:#x}: {what}",
-                        req.addr, req.len
-                    )
+                    Arc::new(ServeError::Panicked(what))
                 }
             };
             if i == 0 {
-                return Outcome::Failed(failure);
+                return Outcome::Failed { run: 0, cause };
             }
             // A prefetch run is best effort: leave those pages missing.
             Stats::add(&shared.stats.handler_failures, 1);
-            shared.stats.set_error(failure);
+            let failure = failure(job, i, cause, FailureAction::Dropped);
+            trace::report_failure(&failure);
+            shared.stats.record_failure(&failure);
             job.runs[i].resolution = None;
         }
         job.decided = true;
@@ -785,13 +824,6 @@ fn request(job: &Job, run: &Run) -> FaultRequest {
         source: job.source,
         offset: run.offset,
     }
-}
-
-fn handler_error(req: &FaultRequest, e: &(dyn std::error::Error + Send + Sync)) -> String {
-    format!(
-        "the handler failed serving {:#x}+{:#x} (fault at {:#x}): {e}",
-        req.addr, req.len, req.fault_addr
-    )
 }
 
 /// [`apply`] behind the removal gate, and the statistics of a resolution at
@@ -859,10 +891,11 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                     let flags = when(dontwake, CopyFlags::DONTWAKE);
                     if run.direct {
                         let Some(bytes) = shared.handler.bytes_for(&request(job, &run)) else {
-                            return Outcome::Failed(format!(
-                                "the handler's bytes for {:#x}+{:#x} went away",
-                                run.addr, run.len
-                            ));
+                            job.runs[i].done = done;
+                            return Outcome::Failed {
+                                run: i,
+                                cause: Arc::new(ServeError::BytesGone),
+                            };
                         };
                         uffd.copy(addr, &bytes[done..], flags)
                     } else {
@@ -923,7 +956,10 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                     }
                     _ => {
                         job.runs[i].done = done;
-                        return Outcome::Failed(e.to_string());
+                        return Outcome::Failed {
+                            run: i,
+                            cause: Arc::new(e),
+                        };
                     }
                 },
             }
@@ -1433,12 +1469,14 @@ impl<H: FaultHandler> Reader<H> {
                 self.settle(&job, false);
                 return Ok(Some(ServerExit::ProcessExited));
             }
-            Outcome::Failed(reason) => {
+            Outcome::Failed { run, cause } => {
                 let stats = &self.shared.stats;
                 Stats::add(&stats.handler_failures, 1);
-                stats.set_error(reason.clone());
                 if let FailurePolicy::Retry { attempts, backoff } = self.shared.failure {
                     if job.attempt < attempts && !job.zero_fill {
+                        let failure = failure(&job, run, cause, FailureAction::Retried);
+                        trace::report_failure(&failure);
+                        stats.record_failure(&failure);
                         job.attempt += 1;
                         job.decided = false;
                         job.deadline = None;
@@ -1452,7 +1490,7 @@ impl<H: FaultHandler> Reader<H> {
                         return Ok(None);
                     }
                 }
-                return self.fail(job, reason);
+                return self.fail(job, run, cause);
             }
         }
         Ok(None)
@@ -1482,16 +1520,21 @@ impl<H: FaultHandler> Reader<H> {
     /// faulting page is poisoned (parked like any resolution if the address
     /// space is changing), the rest of the window woken so its waiters
     /// fault again.
-    fn fail(&mut self, mut job: Box<Job>, reason: String) -> Result<Option<ServerExit>> {
+    fn fail(&mut self, mut job: Box<Job>, run: usize, cause: Cause) -> Result<Option<ServerExit>> {
         self.settle(&job, false);
         let uffd = self.shared.uffd.clone();
         let (lo, hi) = job.span();
+        let stats = self.shared.stats.clone();
+        let report = |job: &Job, cause: Cause, action| {
+            let failure = failure(job, run, cause, action);
+            trace::report_failure(&failure);
+            stats.record_failure(&failure);
+            failure
+        };
         if self.shared.failure == FailurePolicy::Stop {
             let _ = uffd.wake(lo, hi - lo);
-            return Err(Error::Handler {
-                addr: job.fault.address,
-                reason,
-            });
+            let failure = report(&job, cause, FailureAction::Stopped);
+            return Err(Error::Handler(Box::new(failure)));
         }
         let has_poison = uffd.features().contains(Features::POISON)
             || uffd.available_features().contains(Features::POISON);
@@ -1501,9 +1544,11 @@ impl<H: FaultHandler> Reader<H> {
         match result {
             Ok(_) => {
                 Stats::add(&self.shared.stats.poisoned, 1);
+                report(&job, cause, FailureAction::Poisoned);
                 Ok(None)
             }
             Err(e) if e.kind() == ErrorKind::Retry => {
+                report(&job, cause, FailureAction::Poisoned);
                 // An event is pending: park the poisoning itself.
                 job.runs[0] = Run {
                     addr: job.page,
@@ -1519,19 +1564,30 @@ impl<H: FaultHandler> Reader<H> {
                 self.parked.push(job);
                 Ok(None)
             }
-            // Someone else resolved it meanwhile: it has data, and it was woken.
-            Err(e) if e.kind() == ErrorKind::Exists => Ok(None),
-            Err(e) if matches!(e.kind(), ErrorKind::RangeGone | ErrorKind::ProcessExited) => {
+            // Someone else resolved it meanwhile (it has data, and it was
+            // woken), or it is gone.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Exists | ErrorKind::RangeGone | ErrorKind::ProcessExited
+                ) =>
+            {
+                report(&job, cause, FailureAction::Dropped);
                 Ok(None)
             }
-            Err(e) => Err(Error::Handler {
-                addr: job.fault.address,
-                reason: if has_poison {
-                    format!("{reason}; poisoning the page failed too: {e}")
-                } else {
-                    format!("{reason}; the kernel cannot poison the page (needs 6.6+): {e}")
-                },
-            }),
+            Err(poison) => {
+                let cause = Arc::new(ServeError::PoisonFailed {
+                    cause,
+                    poison,
+                    hint: if has_poison {
+                        ""
+                    } else {
+                        " (the kernel cannot poison pages: UFFDIO_POISON needs Linux 6.6+)"
+                    },
+                });
+                let failure = report(&job, cause, FailureAction::Stopped);
+                Err(Error::Handler(Box::new(failure)))
+            }
         }
     }
 
@@ -1561,18 +1617,17 @@ impl<H: FaultHandler> Reader<H> {
             let outcome = apply_and_account(&self.shared, &mut job);
             match outcome {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
-                    let reason = format!(
-                        "the resolution at {:#x} kept failing with EAGAIN for {:?}",
-                        job.page, self.shared.retry_timeout
-                    );
+                    let cause: Cause = Arc::new(ServeError::KeptChanging(self.shared.retry_timeout));
                     if job.runs[0].resolution == Some(Resolution::Poison) {
                         // Even poisoning cannot get through: give up on it.
                         self.settle(&job, false);
-                        self.shared.stats.set_error(reason);
+                        let failure = failure(&job, 0, cause, FailureAction::Dropped);
+                        trace::report_failure(&failure);
+                        self.shared.stats.record_failure(&failure);
                         continue;
                     }
                     Stats::add(&self.shared.stats.handler_failures, 1);
-                    if let Some(exit) = self.fail(job, reason)? {
+                    if let Some(exit) = self.fail(job, 0, cause)? {
                         return Ok(Some(exit));
                     }
                 }

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::error::FaultFailure;
+
 const SUB: usize = 8; // sub-buckets per power of two: ~12% resolution
 const BUCKETS: usize = 64 * SUB;
 
@@ -108,6 +110,14 @@ pub struct Stats {
     pub(crate) unmaps: AtomicU64,
     latency: Histogram,
     last_error: Mutex<Option<String>>,
+    failures: Mutex<Failures>,
+}
+
+/// The first and the latest failure to serve a fault.
+#[derive(Debug, Default)]
+struct Failures {
+    first: Option<FaultFailure>,
+    last: Option<FaultFailure>,
 }
 
 impl fmt::Debug for Stats {
@@ -139,6 +149,7 @@ impl Stats {
             unmaps: z(),
             latency: Histogram::new(),
             last_error: Mutex::new(None),
+            failures: Mutex::new(Failures::default()),
         }
     }
 
@@ -153,6 +164,39 @@ impl Stats {
 
     pub(crate) fn set_error(&self, e: String) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// Records a failure to serve a fault (its message also becomes the
+    /// [`last_error`](Self::last_error)).
+    pub(crate) fn record_failure(&self, failure: &FaultFailure) {
+        self.set_error(crate::error::error_chain(failure));
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.first.is_none() {
+            f.first = Some(failure.clone());
+        }
+        f.last = Some(failure.clone());
+    }
+
+    /// The first fault the server could not serve, with its address, its
+    /// source offset and the cause (as `source()`); `None` if every fault
+    /// was served. Print it with [`error_chain`](crate::error_chain) to
+    /// see every cause.
+    pub fn first_failure(&self) -> Option<FaultFailure> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first
+            .clone()
+    }
+
+    /// The latest fault the server could not serve; see
+    /// [`first_failure`](Self::first_failure).
+    pub fn last_failure(&self) -> Option<FaultFailure> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last
+            .clone()
     }
 
     /// The most recent problem the server reported (a handler failure, a

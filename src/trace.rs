@@ -1,0 +1,38 @@
+//! The crate's `tracing` events, behind the default `tracing` feature: the
+//! macros here expand to nothing without it, so no call site needs a `cfg`.
+//!
+//! Levels: failures and decisions a user must see (`WARN`), non-fault events
+//! and the life of servers and children (`DEBUG`), parking and retries
+//! (`DEBUG`), each fault (`TRACE` only, so that the hot path costs one
+//! callsite check at `INFO`).
+
+#[cfg(feature = "tracing")]
+macro_rules! event {
+    ($level:ident, $($arg:tt)*) => { ::tracing::$level!($($arg)*) };
+}
+
+#[cfg(not(feature = "tracing"))]
+macro_rules! event {
+    ($level:ident, $($arg:tt)*) => {{}};
+}
+
+pub(crate) use event;
+
+use crate::error::FaultFailure;
+
+/// A fault that could not be served, with the whole chain of its cause.
+pub(crate) fn report_failure(failure: &FaultFailure) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        fault_addr = %format_args!("{:#x}", failure.fault_addr),
+        addr = %format_args!("{:#x}", failure.addr),
+        len = failure.len,
+        source = failure.source,
+        offset = %format_args!("{:#x}", failure.offset),
+        action = ?failure.action,
+        error = %crate::error::error_chain(&*failure.cause),
+        "could not serve a fault"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = failure;
+}
