@@ -163,3 +163,34 @@ impl<S: PageSource> FaultHandler for SourceHandler<S> {
         })
     }
 }
+
+/// A shared handler: the test or program keeps a clone to look at its state.
+impl<H: FaultHandler> FaultHandler for std::sync::Arc<H> {
+    fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = Result<Resolution, HandlerError>> + Send + 'a {
+        H::fault(self, req, buf)
+    }
+
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        H::bytes_for(self, req)
+    }
+
+    fn on_remove(&self, start: usize, end: usize) {
+        H::on_remove(self, start, end)
+    }
+
+    fn on_unmap(&self, start: usize, end: usize) {
+        H::on_unmap(self, start, end)
+    }
+
+    fn on_remap(&self, remap: &Remap) {
+        H::on_remap(self, remap)
+    }
+
+    fn on_fork(&self) {
+        H::on_fork(self)
+    }
+}

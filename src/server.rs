@@ -693,7 +693,10 @@ enum Outcome {
     /// the fault again.
     Replan,
     /// Run `run` of the job failed.
-    Failed { run: usize, cause: Cause },
+    Failed {
+        run: usize,
+        cause: Cause,
+    },
 }
 
 /// The cause of a failure to serve, kept whole (with its own `source()`).
@@ -1058,6 +1061,9 @@ struct Reader<H> {
     /// Faulting pages outside every region that are being resolved.
     loose_inflight: HashSet<usize, PageHash>,
     parked: Vec<Box<Job>>,
+    /// The faults of the batch being handled, planned once its other
+    /// events are applied (kept for its allocation).
+    batch_faults: Vec<PageFault>,
     /// Finished jobs kept for reuse, with their buffers (at most
     /// `concurrency`): no allocation per fault.
     spare: Vec<Box<Job>>,
@@ -1088,6 +1094,7 @@ impl<H: FaultHandler> Reader<H> {
             layout,
             loose_inflight: HashSet::default(),
             parked: Vec::new(),
+            batch_faults: Vec::new(),
             spare: Vec::new(),
             inflight: 0,
             tx,
@@ -1141,40 +1148,63 @@ impl<H: FaultHandler> Reader<H> {
         }
     }
 
-    /// Handles an event just read, then the rest of its batch, then retries
+    /// Handles the event just read and the rest of its batch, then retries
     /// parked work.
+    ///
+    /// A batch's `Remove`, `Unmap` and `Remap` events update the page map
+    /// before any of its faults is planned. One `read(2)` returns every
+    /// pending fault before any pending event, so a batch can hold a fault
+    /// on a page *and* the `Remove` that zapped that page after the fault
+    /// was raised; the removal gate already counts that Remove (it was
+    /// recorded by the read), so a fault planned from a page map that did
+    /// not know of it would pass the gate and copy the stale image into a
+    /// page the owner has just freed. Events keep their own order among
+    /// themselves (a fork's child gets the page map as of its Fork).
     async fn after_read(
         &mut self,
         event: Result<Event>,
         stream: &mut EventStream,
     ) -> Result<Option<ServerExit>> {
-        if let Some(exit) = self.on_event(event?).await? {
-            return Ok(Some(exit));
-        }
-        // The rest of the batch. Only with parked work is the kernel's queue
-        // drained too (the event that makes it fail may be there); otherwise
-        // that would cost a read(2) per fault.
+        let mut next = Some(event?);
         loop {
-            let next = if self.parked.is_empty() {
-                stream.next_buffered().transpose()?
-            } else {
-                stream.try_next_event()?
-            };
-            let Some(event) = next else { break };
-            if let Some(exit) = self.on_event(event).await? {
-                return Ok(Some(exit));
+            // The whole batch: events applied in order, faults kept.
+            while let Some(event) = next {
+                self.on_event(event)?;
+                next = stream.next_buffered().transpose()?;
+            }
+            let mut faults = std::mem::take(&mut self.batch_faults);
+            let mut exit = Ok(None);
+            for &fault in &faults {
+                exit = self.on_fault(fault).await;
+                if !matches!(exit, Ok(None)) {
+                    break;
+                }
+            }
+            faults.clear();
+            self.batch_faults = faults;
+            if !matches!(exit, Ok(None)) {
+                return exit;
+            }
+            // Only with parked work is the kernel's queue drained too (the
+            // event that makes it fail may be there); otherwise that would
+            // cost a read(2) per fault.
+            if self.parked.is_empty() {
+                return Ok(None);
+            }
+            next = stream.try_next_event()?;
+            if next.is_none() {
+                return self.retry_parked().await;
             }
         }
-        if self.parked.is_empty() {
-            return Ok(None);
-        }
-        self.retry_parked().await
     }
 
-    async fn on_event(&mut self, event: Event) -> Result<Option<ServerExit>> {
+    /// Applies a non-fault event to the page state; keeps a fault for
+    /// [`after_read`](Self::after_read) to plan once the batch's events are
+    /// applied.
+    fn on_event(&mut self, event: Event) -> Result<()> {
         let stats = &self.shared.stats;
         match event {
-            Event::PageFault(fault) => return self.on_fault(fault).await,
+            Event::PageFault(fault) => self.batch_faults.push(fault),
             Event::Remove(r) => {
                 Stats::add(&stats.removes, 1);
                 self.layout.remove(r.start, r.end);
@@ -1198,7 +1228,7 @@ impl<H: FaultHandler> Reader<H> {
                 }
             }
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Serves a forked child with the same handler and a copy of the page
@@ -1617,7 +1647,8 @@ impl<H: FaultHandler> Reader<H> {
             let outcome = apply_and_account(&self.shared, &mut job);
             match outcome {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
-                    let cause: Cause = Arc::new(ServeError::KeptChanging(self.shared.retry_timeout));
+                    let cause: Cause =
+                        Arc::new(ServeError::KeptChanging(self.shared.retry_timeout));
                     if job.runs[0].resolution == Some(Resolution::Poison) {
                         // Even poisoning cannot get through: give up on it.
                         self.settle(&job, false);

@@ -1,0 +1,287 @@
+//! A fault and the `Remove` that frees its page, read in one batch.
+//!
+//! One `read(2)` returns every pending fault before any pending event. So
+//! when a thread faults on page X and the owner then frees X with
+//! `MADV_DONTNEED` while the server is not reading, the next read returns
+//! the fault on X *followed by* the Remove of X. The server must apply the
+//! Remove before it plans the fault: X then reads zero, never the stale
+//! image. The race is set up deterministically (a slow handler holds the
+//! only concurrency permit, so the server stops reading), and attacked by
+//! a storm of faulting, verifying and freeing threads.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_uffd::{
+    AsyncUffd, FaultHandler, FaultRequest, Features, HandlerError, MemorySource, PageSource,
+    Region, Resolution, Server, SourceHandler,
+};
+
+/// How long each storm runs (`TOKIO_UFFD_STORM_SECS` to soak longer).
+fn storm_time() -> Duration {
+    let secs = std::env::var("TOKIO_UFFD_STORM_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    Duration::from_secs(secs)
+}
+
+/// A small xorshift generator: the storm needs spread, not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Serves the test image; pages in `slow` are fetched only once `open`
+/// has permits, everything else at once from memory.
+struct HeldPages {
+    image: MemorySource,
+    slow: Vec<usize>,
+    open: tokio::sync::Semaphore,
+    calls: AtomicUsize,
+}
+
+impl FaultHandler for HeldPages {
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        if self.slow.contains(&req.addr) {
+            return None;
+        }
+        self.image.bytes_at(req.offset, req.len)
+    }
+
+    async fn fault<'a>(
+        &'a self,
+        req: &'a FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<Resolution, HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::timeout(BOUND, self.open.acquire())
+            .await
+            .map_err(|_| "the test never opened the held pages")??
+            .forget();
+        self.image.read_at(req.offset, buf).await?;
+        Ok(Resolution::Copy)
+    }
+}
+
+/// The `pending:` count of `/proc/self/fdinfo/<fd>`: faults queued, unread.
+fn pending_faults(fd: i32) -> usize {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("pending:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pending: in the userfaultfd's fdinfo")
+}
+
+/// What thread `tid` of this process sleeps in (`/proc/.../wchan`).
+fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// The reproduction: page A's fetch holds the only permit, page B's
+/// fault (also slow) makes the server wait for that permit instead of
+/// reading, a thread faults on X (queued, unread), then the owner frees X
+/// (its Remove queued behind the fault). Once A is released the server
+/// reads [fault X, Remove X] in one batch. X must read zero afterwards.
+#[test]
+fn a_fault_and_the_remove_of_its_page_in_one_batch_leave_zeros() {
+    use std::os::fd::AsRawFd;
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let raw = uffd.as_raw_fd();
+    let (a, b, x) = (mem.addr, mem.addr + page, mem.addr + 2 * page);
+    assert_ne!(
+        image_byte(2 * page + 9),
+        0,
+        "the test needs a nonzero image byte"
+    );
+    let handler = Arc::new(HeldPages {
+        image: MemorySource::new(image(4 * page)),
+        slow: vec![a, b],
+        open: tokio::sync::Semaphore::new(0),
+        calls: AtomicUsize::new(0),
+    });
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
+            .regions([Region::new(mem.addr, 4 * page, page, 0)])
+            .concurrency(1)
+            .spawn();
+        let h = handler.clone();
+        let (x_read, x_after) = tokio::task::spawn_blocking(move || {
+            let a_read = start_read(a);
+            wait_until("page A's fetch started", || {
+                h.calls.load(Ordering::SeqCst) >= 1
+            });
+            let b_read = start_read(b + 1);
+            // B's fetch is polled once on the reader, then the reader waits
+            // for the permit A holds: it reads nothing more.
+            wait_until("page B's fetch started", || {
+                h.calls.load(Ordering::SeqCst) >= 2
+            });
+            let x_read = start_read(x + 9);
+            wait_until("the fault on X queued", || pending_faults(raw) >= 1);
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let freeing = thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                dontneed(x, page);
+            });
+            let tid = tid_rx.recv_timeout(BOUND).unwrap();
+            // madvise sleeps in the kernel until its Remove is read.
+            wait_until("MADV_DONTNEED waiting for its Remove to be read", || {
+                wchan(tid).starts_with("userfaultfd")
+            });
+            assert_eq!(pending_faults(raw), 1, "the fault on X was read too early");
+            h.open.add_permits(2);
+            join_bounded("MADV_DONTNEED of X", freeing);
+            assert_eq!(a_read.recv_timeout(BOUND), Ok(image_byte(0)));
+            assert_eq!(b_read.recv_timeout(BOUND), Ok(image_byte(page + 1)));
+            (x_read.recv_timeout(BOUND).ok(), read_within(x + 9, BOUND))
+        })
+        .await
+        .unwrap();
+        // The faulting thread may see either (its read raced the madvise),
+        // but once madvise returned the page must be zero.
+        assert!(
+            matches!(x_read, Some(v) if v == 0 || v == image_byte(2 * page + 9)),
+            "the faulting thread read {x_read:?}"
+        );
+        assert_eq!(
+            x_after,
+            Some(0),
+            "X holds the stale image after MADV_DONTNEED returned (None: it hung)"
+        );
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.removes, 1, "{stats:?}");
+        assert_eq!(stats.handler_failures, 0, "{stats:?}");
+    });
+}
+
+/// One round of the storm on a fresh mapping: four threads fault on fresh
+/// pages (a shared cursor hands them out) and check each byte they read is
+/// the image's or zero; a fifth frees the pages under the cursor with
+/// `MADV_DONTNEED`, so that a fault on a page is often queued just before
+/// the Remove of that page, and checks each freed page reads zero once
+/// `madvise` returned. Returns (frees, reads).
+fn storm_round(prefetch: usize, seed: u64) -> Option<(u64, u64)> {
+    let pages = 2048;
+    let (uffd, mem) = registered_anon(pages, Features::EVENT_REMOVE)?;
+    let page = uffd.page_size();
+    let rt = multi_thread_rt();
+    Some(rt.block_on(async {
+        let handle = Server::new(
+            AsyncUffd::new(uffd).unwrap(),
+            SourceHandler::new(MemorySource::new(image(pages * page))),
+        )
+        .regions([Region::new(mem.addr, pages * page, page, 0)])
+        .prefetch(prefetch)
+        .spawn();
+        let base = mem.addr;
+        let cursor = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for t in 0..4 {
+            let cursor = cursor.clone();
+            readers.push(thread::spawn(move || {
+                let mut reads = 0u64;
+                loop {
+                    let p = cursor.fetch_add(1, Ordering::Relaxed);
+                    if p >= pages {
+                        return reads;
+                    }
+                    let off = p * page + (t * 977 + p) % page;
+                    let v = read_at(base + off);
+                    assert!(
+                        v == 0 || v == image_byte(off),
+                        "offset {off:#x} read {v}, neither the image's {} nor zero",
+                        image_byte(off)
+                    );
+                    reads += 1;
+                }
+            }));
+        }
+        let freer = {
+            let cursor = cursor.clone();
+            thread::spawn(move || {
+                let mut rng = Rng(seed);
+                let mut frees = 0u64;
+                loop {
+                    let c = cursor.load(Ordering::Relaxed);
+                    if c >= pages {
+                        return frees;
+                    }
+                    // A page a reader faults on now, or is about to.
+                    let p = (c + rng.below(4)).saturating_sub(2).min(pages - 1);
+                    let addr = base + p * page;
+                    dontneed(addr, page);
+                    frees += 1;
+                    for probe in [0, page / 2, page - 1] {
+                        let v = read_at(addr + probe);
+                        assert_eq!(
+                            v, 0,
+                            "page {p} read the stale image at +{probe:#x} after MADV_DONTNEED returned"
+                        );
+                    }
+                }
+            })
+        };
+        let (frees, reads) = tokio::task::spawn_blocking(move || {
+            let frees = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                join_bounded("the freeing thread", freer)
+            }));
+            // Let the readers finish even if the freer failed.
+            cursor.store(pages, Ordering::Relaxed);
+            let reads: u64 = readers
+                .into_iter()
+                .map(|t| join_bounded("a faulting thread", t))
+                .sum();
+            let frees = frees.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (frees, reads)
+        })
+        .await
+        .unwrap();
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.removes, frees, "{stats:?}");
+        assert_eq!(stats.handler_failures, 0, "{stats:?}");
+        (frees, reads)
+    }))
+}
+
+/// Rounds of [`storm_round`] for [`storm_time`].
+fn storm(prefetch: usize) {
+    let until = Instant::now() + storm_time();
+    let (mut rounds, mut frees, mut reads) = (0u64, 0, 0);
+    while Instant::now() < until {
+        let Some((f, r)) = storm_round(prefetch, 0x5eed + rounds) else {
+            return;
+        };
+        rounds += 1;
+        frees += f;
+        reads += r;
+    }
+    eprintln!("storm (prefetch {prefetch}): {rounds} rounds, {frees} frees, {reads} reads");
+    assert!(frees > 100 && reads > 1000, "the storm barely ran");
+}
+
+#[test]
+fn remove_storm_never_leaves_a_stale_page() {
+    storm(1);
+}
+
+#[test]
+fn remove_storm_never_leaves_a_stale_page_with_prefetch() {
+    storm(16);
+}
