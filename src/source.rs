@@ -4,7 +4,8 @@ use std::fmt;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -134,23 +135,56 @@ pub struct FileSource {
 impl FileSource {
     /// Opens the file at `path` for reading.
     ///
+    /// The file is opened without blocking (a FIFO would otherwise wait for
+    /// a writer) and must be a regular file: a directory, FIFO, socket or
+    /// device has no fixed length to serve pages from, so every fault would
+    /// fail later, far from the cause.
+    ///
     /// # Errors
     ///
-    /// The I/O error of opening or `stat`ing it.
+    /// The I/O error of opening or `stat`ing it, or an
+    /// [`InvalidInput`](io::ErrorKind::InvalidInput) error naming the path
+    /// and what it is when it is not a regular file.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
-        Self::new(File::open(path)?)
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            // A FIFO opens at once instead of waiting for a writer; for a
+            // regular file O_NONBLOCK changes nothing.
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| match std::fs::metadata(path) {
+                // A socket cannot be opened (ENXIO): say what it is.
+                Ok(meta) if !meta.is_file() => not_a_regular_file(&path.display(), &meta),
+                _ => e,
+            })?;
+        Self::checked(file, &path.display())
     }
 
     /// A source reading from `file`.
     ///
     /// # Errors
     ///
-    /// The I/O error of `stat`ing it.
+    /// The I/O error of `stat`ing it, or an
+    /// [`InvalidInput`](io::ErrorKind::InvalidInput) error naming the file
+    /// (its path as `/proc/self/fd` shows it) and what it is when it is not
+    /// a regular file.
     pub fn new(file: File) -> io::Result<Self> {
-        let len = file.metadata()?.len();
+        let fd = file.as_raw_fd();
+        let name = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| format!("file descriptor {fd}"));
+        Self::checked(file, &name)
+    }
+
+    fn checked(file: File, name: &dyn fmt::Display) -> io::Result<Self> {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(not_a_regular_file(name, &meta));
+        }
         Ok(Self {
+            len: meta.len(),
             file: Arc::new(file),
-            len,
         })
     }
 
@@ -163,6 +197,31 @@ impl FileSource {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// The error for a file source that is not a regular file, naming it and
+/// saying what it is.
+fn not_a_regular_file(name: &dyn fmt::Display, meta: &std::fs::Metadata) -> io::Error {
+    let ft = meta.file_type();
+    let what = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{name} is {what}: a FileSource serves pages from a regular file (a memory image)"),
+    )
 }
 
 impl PageSource for FileSource {
@@ -205,5 +264,89 @@ mod tests {
         let err = src.read_at(8192, &mut buf).await.unwrap_err();
         assert!(err.to_string().contains("starts past the end"), "{err}");
         assert!(src.read_at(6000, &mut buf).await.is_err());
+    }
+
+    /// A fresh directory under the temporary directory, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("tokio-uffd-source-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn file_source_rejects_a_directory_naming_it() {
+        let dir = TempDir::new("dir");
+        let err = FileSource::open(&dir.0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.0.display().to_string()), "{msg}");
+        assert!(msg.contains("is a directory"), "{msg}");
+        // The same through `new`, from an already open directory.
+        let err = FileSource::new(File::open(&dir.0).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.0.display().to_string()), "{msg}");
+        assert!(msg.contains("is a directory"), "{msg}");
+    }
+
+    #[test]
+    fn file_source_rejects_a_fifo_without_waiting_for_a_writer() {
+        let dir = TempDir::new("fifo");
+        let fifo = dir.0.join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Without O_NONBLOCK this open would block forever (no writer).
+        let err = FileSource::open(&fifo).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{msg}");
+        assert!(msg.contains("pipe is a FIFO"), "{msg}");
+    }
+
+    #[test]
+    fn file_source_rejects_a_socket_naming_it() {
+        let dir = TempDir::new("sock");
+        let path = dir.0.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = FileSource::open(&path).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{msg}");
+        assert!(msg.contains("sock is a socket"), "{msg}");
+    }
+
+    #[test]
+    fn file_source_rejects_a_character_device() {
+        let err = FileSource::open("/dev/null").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/dev/null is a character device"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn file_source_serves_a_regular_file_and_a_missing_one_is_not_found() {
+        let dir = TempDir::new("file");
+        let path = dir.0.join("image");
+        std::fs::write(&path, [9u8; 5000]).unwrap();
+        let src = FileSource::open(&path).unwrap();
+        assert_eq!(src.len(), 5000);
+        let mut buf = vec![1u8; 4096];
+        src.read_at(4096, &mut buf).await.unwrap();
+        assert!(buf[..904].iter().all(|&b| b == 9));
+        assert!(buf[904..].iter().all(|&b| b == 0));
+        let src = FileSource::new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(src.len(), 5000);
+        let err = FileSource::open(dir.0.join("missing")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }
