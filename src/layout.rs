@@ -1,6 +1,8 @@
 //! Where the served memory is: [`Region`]s, and the server's per-page state
 //! for them (served, in flight, removed), kept current through remap, unmap
-//! and remove events.
+//! and remove events; and the same for pages outside every region.
+
+use std::collections::{BTreeMap, HashSet};
 
 /// A range of registered memory and where its contents come from.
 ///
@@ -238,6 +240,173 @@ impl Layout {
     }
 }
 
+/// Hashes page addresses for the reader's sets: one multiply instead of
+/// SipHash, which the reader does not need (it hashes addresses the kernel
+/// reports, not input an attacker picks to collide).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PageHash;
+
+impl std::hash::BuildHasher for PageHash {
+    type Hasher = PageHasher;
+
+    fn build_hasher(&self) -> PageHasher {
+        PageHasher(0)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct PageHasher(u64);
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing; the high half folded down so that the low bits
+        // (the table index) depend on the page number, not the zero offset
+        // bits.
+        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 ^= n as u64;
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 ^= u64::from(n);
+    }
+}
+
+/// The state of pages outside every region, served page by page with the
+/// base page size: pages in flight and served (a set each, growing with the
+/// pages served there), and the ranges freed by `Remove` (one entry per
+/// disjoint range, however large).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LoosePages {
+    inflight: HashSet<usize, PageHash>,
+    served: HashSet<usize, PageHash>,
+    /// Freed ranges, `start -> end`, disjoint and not touching.
+    removed: BTreeMap<usize, usize>,
+}
+
+impl LoosePages {
+    pub(crate) fn is_inflight(&self, page: usize) -> bool {
+        self.inflight.contains(&page)
+    }
+
+    pub(crate) fn set_inflight(&mut self, page: usize, v: bool) {
+        if v {
+            self.inflight.insert(page);
+        } else {
+            self.inflight.remove(&page);
+        }
+    }
+
+    pub(crate) fn is_served(&self, page: usize) -> bool {
+        self.served.contains(&page)
+    }
+
+    pub(crate) fn set_served(&mut self, page: usize) {
+        self.served.insert(page);
+    }
+
+    pub(crate) fn is_removed(&self, page: usize) -> bool {
+        self.removed
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(_, &end)| page < end)
+    }
+
+    /// Forgets the served pages in `start..end`.
+    fn forget_served(&mut self, start: usize, end: usize) {
+        if self.served.is_empty() {
+            return;
+        }
+        self.served.retain(|&p| p < start || p >= end);
+    }
+
+    /// `MADV_DONTNEED`/`MADV_REMOVE` freed `start..end` (whole pages of
+    /// `page_size` only, as the kernel frees them).
+    pub(crate) fn remove(&mut self, start: usize, end: usize, page_size: usize) {
+        let start = start.next_multiple_of(page_size);
+        let end = end - end % page_size;
+        if start >= end {
+            return;
+        }
+        self.forget_served(start, end);
+        // Merge with every range that overlaps or touches.
+        let (mut lo, mut hi) = (start, end);
+        let touching: Vec<usize> = self
+            .removed
+            .range(..=end)
+            .rev()
+            .take_while(|(_, &e)| e >= start)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in touching {
+            let e = self.removed.remove(&s).unwrap_or(s);
+            lo = lo.min(s);
+            hi = hi.max(e);
+        }
+        self.removed.insert(lo, hi);
+    }
+
+    /// Cuts `start..end` out of the freed ranges, returning the parts that
+    /// were inside it.
+    fn cut_removed(&mut self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let overlapping: Vec<(usize, usize)> = self
+            .removed
+            .range(..end)
+            .rev()
+            .take_while(|(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        let mut inside = Vec::new();
+        for (s, e) in overlapping {
+            self.removed.remove(&s);
+            if s < start {
+                self.removed.insert(s, start);
+            }
+            if e > end {
+                self.removed.insert(end, e);
+            }
+            inside.push((s.max(start), e.min(end)));
+        }
+        inside
+    }
+
+    /// `start..end` was unmapped: forget it.
+    pub(crate) fn unmap(&mut self, start: usize, end: usize) {
+        self.forget_served(start, end);
+        self.cut_removed(start, end);
+    }
+
+    /// `from..from+len` moved to `to`, with what was served or freed there.
+    pub(crate) fn remap(&mut self, from: usize, to: usize, len: usize) {
+        let moved: Vec<usize> = self
+            .served
+            .iter()
+            .copied()
+            .filter(|&p| p >= from && p < from + len)
+            .collect();
+        let freed = self.cut_removed(from, from + len);
+        self.unmap(to, to + len);
+        for p in moved {
+            self.served.remove(&p);
+            self.served.insert(p - from + to);
+        }
+        for (s, e) in freed {
+            self.removed.insert(s - from + to, e - from + to);
+        }
+        // In flight at the old address: those resolutions find it gone.
+        self.inflight.retain(|&p| p < from || p >= from + len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +439,25 @@ mod tests {
         assert!(!moved.served.get(1));
         assert!(l.find(0x10000 + 2 * P).is_none());
         assert_eq!(l.regions[l.find(0x10000).unwrap()].region.len, 2 * P);
+    }
+
+    #[test]
+    fn loose_pages_remember_removed_ranges_merged_and_moved() {
+        let mut l = LoosePages::default();
+        l.set_served(0x10000);
+        l.set_served(0x20000);
+        l.remove(0x10000, 0x12000, P);
+        l.remove(0x12000, 0x14000, P);
+        l.remove(0x13000, 0x13800, P); // inside a whole page only: nothing more
+        assert!(!l.is_served(0x10000) && l.is_served(0x20000));
+        assert_eq!(l.removed.len(), 1, "{:?}", l.removed);
+        assert!(l.is_removed(0x13fff) && !l.is_removed(0x14000) && !l.is_removed(0xffff));
+        l.remap(0x11000, 0x50000, 2 * P);
+        assert!(l.is_removed(0x10000) && !l.is_removed(0x11000) && l.is_removed(0x13000));
+        assert!(l.is_removed(0x50000) && l.is_removed(0x51fff) && !l.is_removed(0x52000));
+        l.unmap(0x10000, 0x14000);
+        assert!(!l.is_removed(0x10000) && !l.is_removed(0x13000));
+        assert!(l.is_removed(0x50000));
     }
 
     #[test]

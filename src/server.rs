@@ -20,7 +20,7 @@ use crate::flags::{
     ContinueFlags, CopyFlags, Features, PoisonFlags, UnprotectFlags, ZeropageFlags,
 };
 use crate::handler::{FaultHandler, FaultRequest, Resolution};
-use crate::layout::{Layout, Region};
+use crate::layout::{Layout, LoosePages, PageHash, Region};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trace;
 
@@ -931,8 +931,12 @@ fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outcome {
                 Err(e) => match e.kind() {
                     ErrorKind::Exists => {
                         // Already there (EEXIST does not wake): wake it and
-                        // go on with the rest of the run.
-                        Stats::add(&shared.stats.eexist, 1);
+                        // go on with the rest of the run. A zero-fill of a
+                        // served page finding it there is a duplicate fault,
+                        // counted as such once applied.
+                        if !job.zero_fill {
+                            Stats::add(&shared.stats.eexist, 1);
+                        }
                         if !dontwake {
                             let _ = uffd.wake(addr, page_size);
                         }
@@ -1010,47 +1014,6 @@ pub fn thread_id() -> u32 {
     TID.with(|t| *t)
 }
 
-/// Hashes page addresses for the reader's sets: one multiply instead of
-/// SipHash, which the reader does not need (it hashes addresses the kernel
-/// reports, not input an attacker picks to collide).
-#[derive(Debug, Clone, Copy, Default)]
-struct PageHash;
-
-impl std::hash::BuildHasher for PageHash {
-    type Hasher = PageHasher;
-
-    fn build_hasher(&self) -> PageHasher {
-        PageHasher(0)
-    }
-}
-
-#[derive(Debug)]
-struct PageHasher(u64);
-
-impl std::hash::Hasher for PageHasher {
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing; the high half folded down so that the low bits
-        // (the table index) depend on the page number, not the zero offset
-        // bits.
-        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^ (h >> 32)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.0 ^= n as u64;
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.0 ^= u64::from(n);
-    }
-}
-
 /// The reading side of a server: owns the page state and every decision.
 // Jobs stay boxed in its lists: they move between the lists, tasks and the
 // channel as one pointer, and a spare job keeps its allocation.
@@ -1058,8 +1021,8 @@ impl std::hash::Hasher for PageHasher {
 struct Reader<H> {
     shared: Arc<Shared<H>>,
     layout: Layout,
-    /// Faulting pages outside every region that are being resolved.
-    loose_inflight: HashSet<usize, PageHash>,
+    /// The state of pages outside every region.
+    loose: LoosePages,
     parked: Vec<Box<Job>>,
     /// The faults of the batch being handled, planned once its other
     /// events are applied (kept for its allocation).
@@ -1092,7 +1055,7 @@ impl<H: FaultHandler> Reader<H> {
         Self {
             shared,
             layout,
-            loose_inflight: HashSet::default(),
+            loose: LoosePages::default(),
             parked: Vec::new(),
             batch_faults: Vec::new(),
             spare: Vec::new(),
@@ -1208,16 +1171,19 @@ impl<H: FaultHandler> Reader<H> {
             Event::Remove(r) => {
                 Stats::add(&stats.removes, 1);
                 self.layout.remove(r.start, r.end);
+                self.loose.remove(r.start, r.end, self.shared.page_size);
                 self.shared.handler.on_remove(r.start, r.end);
             }
             Event::Unmap(u) => {
                 Stats::add(&stats.unmaps, 1);
                 self.layout.unmap(u.start, u.end);
+                self.loose.unmap(u.start, u.end);
                 self.shared.handler.on_unmap(u.start, u.end);
             }
             Event::Remap(r) => {
                 Stats::add(&stats.remaps, 1);
                 self.layout.remap(r.from, r.to, r.len);
+                self.loose.remap(r.from, r.to, r.len);
                 self.shared.handler.on_remap(&r);
             }
             Event::Fork(fork) => {
@@ -1329,19 +1295,28 @@ impl<H: FaultHandler> Reader<H> {
         let generation = self.shared.gate.as_ref().map_or(0, |g| g.generation());
         let Some(ri) = self.layout.find(fault.address) else {
             // Outside every region: the page alone, base page size.
+            // Remembered like a region's pages: a duplicate queued behind
+            // the page's resolution runs no handler, a freed page gets
+            // zeros.
             let page = fault.page_start(base);
-            if !self.loose_inflight.insert(page) {
+            if self.loose.is_inflight(page) {
                 return None;
             }
             let mut job = new_job(&mut self.spare, fault, page, base, 0, read_at, generation);
+            let missing = fault.kind() == FaultKind::Missing;
+            let zero = missing && (self.loose.is_served(page) || self.loose.is_removed(page));
             job.runs[0] = Run {
                 addr: page,
                 len: base,
                 offset: page as u64,
+                resolution: zero.then_some(Resolution::Zero),
                 ..Run::default()
             };
             job.nruns = 1;
             job.buf_len = base;
+            job.decided = zero;
+            job.zero_fill = zero;
+            self.loose.set_inflight(page, true);
             return Some(job);
         };
         let rs = &mut self.layout.regions[ri];
@@ -1444,7 +1419,11 @@ impl<H: FaultHandler> Reader<H> {
             let mut addr = run.addr;
             while addr < run.addr + run.len {
                 let Some(ri) = self.layout.find(addr) else {
-                    self.loose_inflight.remove(&addr);
+                    self.loose.set_inflight(addr, false);
+                    let resolved = run.resolution.is_some_and(|r| r != Resolution::Poison);
+                    if served && (job.zero_fill || resolved && !self.loose.is_removed(addr)) {
+                        self.loose.set_served(addr);
+                    }
                     addr += job.page_size;
                     continue;
                 };
@@ -1634,7 +1613,7 @@ impl<H: FaultHandler> Reader<H> {
             let idx = rs.page_index(job.page);
             rs.inflight.set(idx, true);
         } else {
-            self.loose_inflight.insert(job.page);
+            self.loose.set_inflight(job.page, true);
         }
     }
 

@@ -30,13 +30,13 @@ fn serve_image(uffd: Uffd, addr: usize, len: usize) -> tokio_uffd::ServerHandle 
         .spawn()
 }
 
-/// Counts handler calls around a memory source.
-struct Counting {
-    inner: SourceHandler<MemorySource>,
+/// Counts handler calls around a page source.
+struct Counting<S = MemorySource> {
+    inner: SourceHandler<S>,
     calls: Arc<AtomicUsize>,
 }
 
-impl FaultHandler for Counting {
+impl<S: tokio_uffd::PageSource> FaultHandler for Counting<S> {
     async fn fault<'a>(
         &'a self,
         req: &'a FaultRequest,
@@ -764,6 +764,102 @@ fn faults_outside_every_region_are_served_page_by_page() {
         let want: Vec<u8> = (0..3).map(|p| ((addr + p * page) / 4096) as u8).collect();
         assert_eq!(got, want);
         assert_eq!(final_stats(handle).await.pages_served, 3);
+    });
+}
+
+/// Outside every region the server remembers served pages too: 64 threads
+/// faulting on one page run the handler once, and the faults read after
+/// the page was served count as duplicates (only woken), not as `EEXIST`.
+#[test]
+fn duplicate_faults_outside_every_region_run_the_handler_once() {
+    let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let calls = Arc::new(AtomicUsize::new(0));
+    /// The test image, at offset = address.
+    struct ImageAtAddress;
+    impl tokio_uffd::PageSource for ImageAtAddress {
+        async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = image_byte(offset as usize + i);
+            }
+            Ok(())
+        }
+    }
+    // No bytes_for: every run goes through `fault`, which is counted.
+    let handler = Counting {
+        inner: SourceHandler::new(ImageAtAddress),
+        calls: calls.clone(),
+    };
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler).spawn();
+        let addr = mem.addr;
+        let barrier = Arc::new(std::sync::Barrier::new(64));
+        let threads: Vec<_> = (0..64)
+            .map(|i| {
+                let b = barrier.clone();
+                thread::spawn(move || {
+                    b.wait();
+                    read_at(addr + i * 61)
+                })
+            })
+            .collect();
+        let got = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|t| join_bounded("a faulting thread", t))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for (i, v) in got.into_iter().enumerate() {
+            assert_eq!(v, image_byte(addr + i * 61), "thread {i}");
+        }
+        let stats = final_stats(handle).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "handler runs; {stats:?}");
+        assert_eq!(stats.pages_served, 1, "{stats:?}");
+        assert_eq!(stats.faults(), stats.duplicates + 1, "{stats:?}");
+        assert_eq!(stats.eexist, 0, "{stats:?}");
+    });
+}
+
+/// Outside every region, a page freed with `MADV_DONTNEED` (served before
+/// or not) reads zero afterwards, never the handler's bytes again.
+#[test]
+fn removed_pages_outside_every_region_read_zero() {
+    let Some((uffd, mem)) = registered_anon(2, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    /// Every page is 0xa5 bytes.
+    struct Filled;
+    impl FaultHandler for Filled {
+        async fn fault<'a>(
+            &'a self,
+            _req: &'a FaultRequest,
+            buf: &'a mut [u8],
+        ) -> Result<Resolution, HandlerError> {
+            buf.fill(0xa5);
+            Ok(Resolution::Copy)
+        }
+    }
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), Filled).spawn();
+        let addr = mem.addr;
+        let got = tokio::task::spawn_blocking(move || {
+            let served = read_at(addr + 5);
+            // Page 0 served then freed; page 1 freed before it was served.
+            dontneed(addr, 2 * page);
+            (served, read_at(addr + 5), read_at(addr + page + 5))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, (0xa5, 0, 0));
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.pages_zeroed_after_remove, 2, "{stats:?}");
     });
 }
 
