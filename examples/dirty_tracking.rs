@@ -19,24 +19,43 @@ use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::{Arc, Barrier, Mutex};
 
-use common::{write_at, Flags, Mapping, Rng};
+use clap::Parser;
+use common::{write_at, LogArgs, Mapping, Rng};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_uffd::{
     AsyncUffd, Event, FaultKind, Features, RegisterMode, UffdBuilder, UnprotectFlags,
 };
 
-const USAGE: &str = "usage: dirty_tracking [--pages N] [--writers N] [--intervals N] [--writes N]
-
-  --pages N      size of the tracked region in pages (default 1024)
-  --writers N    writer threads (default 2)
-  --intervals N  tracking intervals (default 5)
-  --writes N     writes per writer per interval (default 200)";
+/// Tracks dirty pages with userfaultfd write protection and checks each
+/// interval's dirty set against the pages really written.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Size of the tracked region in pages
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    pages: u64,
+    /// Writer threads
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_THREADS))]
+    writers: u64,
+    /// Tracking intervals
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    intervals: u64,
+    /// Writes per writer per interval
+    #[arg(long, value_name = "N", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    writes: u64,
+    #[command(flatten)]
+    log: LogArgs,
+}
 
 fn main() -> ExitCode {
-    let flags = Flags::parse(USAGE, &[]);
-    flags.only(&["pages", "writers", "intervals", "writes"]);
-    match run(&flags) {
+    let args = Args::parse();
+    common::init_tracing(args.log);
+    match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -47,11 +66,11 @@ fn main() -> ExitCode {
 
 type Snapshot = oneshot::Sender<tokio_uffd::Result<BTreeSet<usize>>>;
 
-fn run(flags: &Flags) -> Result<(), Box<dyn std::error::Error>> {
-    let pages = flags.number("pages", 1024);
-    let writers = flags.number("writers", 2);
-    let intervals = flags.number("intervals", 5);
-    let writes = flags.number("writes", 200);
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let pages = args.pages as usize;
+    let writers = args.writers as usize;
+    let intervals = args.intervals as usize;
+    let writes = args.writes as usize;
 
     let uffd = UffdBuilder::new()
         .require(Features::PAGEFAULT_FLAG_WP)
@@ -81,11 +100,11 @@ fn run(flags: &Flags) -> Result<(), Box<dyn std::error::Error>> {
     let barrier = Arc::new(Barrier::new(writers + 1));
     let written: Arc<Mutex<Vec<BTreeSet<usize>>>> =
         Arc::new(Mutex::new(vec![BTreeSet::new(); intervals]));
-    let threads: Vec<_> = (0..writers)
+    let threads = (0..writers)
         .map(|w| {
             let barrier = barrier.clone();
             let written = written.clone();
-            std::thread::spawn(move || {
+            std::thread::Builder::new().spawn(move || {
                 let mut rng = Rng::new(w as u64 + 7);
                 for i in 0..intervals {
                     barrier.wait(); // interval starts
@@ -100,7 +119,7 @@ fn run(flags: &Flags) -> Result<(), Box<dyn std::error::Error>> {
                 }
             })
         })
-        .collect();
+        .collect::<std::io::Result<Vec<_>>>()?;
 
     let mut ok = true;
     for i in 0..intervals {

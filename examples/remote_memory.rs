@@ -17,32 +17,57 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{ExitCode, Stdio};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use common::{fill_image, image_byte, print_stats, read_at, Flags, Mapping, Rng};
+/// How long the server may take to stop.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+
+use clap::Parser;
+use common::touch::{failure_report, Outcome, Touchers, Watched};
+use common::{fill_image, image_byte, print_stats, read_at, LogArgs, Mapping, Rng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_uffd::{AsyncUffd, PageSource, Region, RegisterMode, Server, SourceHandler, UffdBuilder};
 
-const USAGE: &str = "usage: remote_memory [--size MIB] [--threads N] [--window PAGES]
-
-  --size MIB      size of the remote image (default 64)
-  --threads N     worker threads touching the memory (default 4)
-  --window PAGES  fault-around window in pages (default 16)";
+/// Fills memory on demand from a page server over TCP and checks every
+/// byte.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Size of the remote image in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_MIB))]
+    size: u64,
+    /// Worker threads touching the memory
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_THREADS))]
+    threads: u64,
+    /// Fault-around window in pages (1 turns it off)
+    #[arg(long, value_name = "PAGES", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_WINDOW))]
+    window: u64,
+    /// Run as the page server (the example starts itself this way)
+    #[arg(long, hide = true)]
+    serve: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
 
 fn main() -> ExitCode {
-    let flags = Flags::parse(USAGE, &["serve"]);
-    flags.only(&["size", "threads", "window", "serve"]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let args = Args::parse();
+    common::init_tracing(args.log);
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("a Tokio runtime");
-    let result = if flags.switch("serve") {
-        rt.block_on(page_server(flags.number("size", 64) << 20))
-    } else {
-        client(&flags, &rt)
-    };
+        .map_err(Into::into)
+        .and_then(|rt| {
+            if args.serve {
+                rt.block_on(page_server((args.size as usize) << 20))
+            } else {
+                client(&args, &rt)
+            }
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -107,10 +132,10 @@ impl PageSource for TcpSource {
     }
 }
 
-fn client(flags: &Flags, rt: &tokio::runtime::Runtime) -> Result<(), Box<dyn std::error::Error>> {
-    let mib = flags.number("size", 64);
-    let threads = flags.number("threads", 4);
-    let window = flags.number("window", 16);
+fn client(args: &Args, rt: &tokio::runtime::Runtime) -> Result<(), Box<dyn std::error::Error>> {
+    let mib = args.size as usize;
+    let threads = args.threads as usize;
+    let window = args.window as usize;
 
     // Start the page server and learn its port.
     let mut server = std::process::Command::new(std::env::current_exe()?)
@@ -152,31 +177,38 @@ fn restore(
         .regions([Region::new(mem.addr, len, page, 0)])
         .prefetch(window)
         .spawn();
+    let server = Watched::new(handle);
+    let stats = server.stats.clone();
     println!(
         "filling {} MiB on demand from the page server at {addr}, {threads} threads",
         len >> 20
     );
     let started = Instant::now();
     let base = mem.addr;
-    let workers: Vec<_> = (0..threads)
-        .map(|t| {
-            std::thread::spawn(move || {
-                let mut mine: Vec<usize> = (t..pages).step_by(threads).collect();
-                Rng::new(t as u64 + 3).shuffle(&mut mine);
-                for p in mine {
-                    read_at(base + p * page);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().map_err(|_| "a worker panicked")?;
-    }
-    let elapsed = started.elapsed();
-    let stats = rt.block_on(async {
-        let stats = handle.stats_ref();
-        handle.shutdown().await.map(|_| stats.snapshot())
+    // A page the page server cannot send is poisoned by the server: the
+    // worker's SIGBUS becomes a report (see common/touch.rs).
+    let workers = Touchers::spawn(threads, move |t| {
+        let mut mine: Vec<usize> = (t..pages).step_by(threads).collect();
+        Rng::new(t as u64 + 3).shuffle(&mut mine);
+        for p in mine {
+            read_at(base + p * page);
+        }
     })?;
+    let outcome = workers.wait()?;
+    let elapsed = started.elapsed();
+    let exit = rt.block_on(server.shutdown(STOP_BOUND));
+    if let Outcome::Sigbus(_) | Outcome::ServerEnded = outcome {
+        let sigbus = match outcome {
+            Outcome::Sigbus(addr) => Some(addr),
+            _ => None,
+        };
+        // Workers may still sleep on (or be parked after touching) this
+        // memory: leave it mapped until the process exits.
+        std::mem::forget(mem);
+        return Err(failure_report(sigbus, &exit, &stats).into());
+    }
+    exit?;
+    let stats = stats.snapshot();
     if let Some(i) = (0..len).find(|&i| mem.bytes()[i] != image_byte(i as u64)) {
         return Err(format!("wrong byte at address {:#x} (offset {i:#x})", mem.addr + i).into());
     }

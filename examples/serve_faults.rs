@@ -10,9 +10,13 @@
 //! cargo run --release --example serve_faults -- --mib 256 --threads 4
 //! ```
 
+mod common;
+
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::Parser;
+use common::LogArgs;
 use futures::StreamExt;
 use tokio_uffd::{AsyncUffd, CopyFlags, ErrorKind, Event, RegisterMode, Uffd};
 
@@ -20,44 +24,26 @@ fn byte_at(offset: usize) -> u8 {
     (offset as u8) ^ ((offset >> 12) as u8).wrapping_mul(7)
 }
 
+/// Serves every page of fresh memory from an async handler reading the
+/// userfaultfd's event stream, and checks every byte.
+#[derive(Parser, Debug)]
+#[command(version)]
 struct Args {
-    mib: usize,
-    threads: usize,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        mib: 64,
-        threads: 2,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> Result<usize, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v| v > 0)
-                .ok_or_else(|| format!("{name} needs a positive number"))
-        };
-        match flag.as_str() {
-            "--mib" => args.mib = value("--mib")?,
-            "--threads" => args.threads = value("--threads")?,
-            "-h" | "--help" => {
-                return Err("usage: serve_faults [--mib N] [--threads N]".into());
-            }
-            other => return Err(format!("unknown argument {other}; try --help")),
-        }
-    }
-    Ok(args)
+    /// Size of the memory in MiB
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_MIB))]
+    mib: u64,
+    /// Threads touching the memory
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=common::MAX_THREADS))]
+    threads: u64,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
+    common::init_tracing(args.log);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,7 +56,8 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let uffd = Uffd::new()?;
     let page = uffd.page_size();
-    let len = args.mib << 20;
+    let threads = args.threads as usize;
+    let len = (args.mib as usize) << 20;
     let pages = len / page;
     // SAFETY: a fresh anonymous mapping that nothing else uses.
     let mem = unsafe {
@@ -96,11 +83,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let started = Instant::now();
     // Touchers: plain threads, never the runtime that serves the faults.
-    let touchers: Vec<_> = (0..args.threads)
+    let touchers = (0..threads)
         .map(|t| {
-            std::thread::spawn(move || {
+            std::thread::Builder::new().spawn(move || {
                 let mut sum = 0u64;
-                for p in (t..pages).step_by(args.threads) {
+                for p in (t..pages).step_by(threads) {
                     // SAFETY: inside the registered mapping; the handler
                     // fills the page before the read completes.
                     sum +=
@@ -109,7 +96,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 sum
             })
         })
-        .collect();
+        .collect::<std::io::Result<Vec<_>>>()?;
 
     let faults = rt.block_on(async {
         let uffd = AsyncUffd::new(uffd)?;

@@ -1,78 +1,50 @@
-//! Pieces the examples share: command-line flags, an anonymous mapping, a
-//! verifiable image pattern, shuffled page orders and a summary printer.
+//! Pieces the examples share: logging flags, bounds on counts, an anonymous
+//! mapping, a verifiable image pattern, shuffled page orders, a summary
+//! printer, and worker threads whose `SIGBUS` becomes a clear report
+//! ([`touch`]).
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::HashMap;
+pub mod touch;
+
+use std::io::IsTerminal;
 use std::time::Duration;
 
-use tokio_uffd::StatsSnapshot;
+use tokio_uffd::{Stats, StatsSnapshot};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-/// `--name value` flags and `--switch`es.
-pub struct Flags {
-    values: HashMap<String, String>,
-    usage: &'static str,
+/// Most threads an example starts to touch memory (each one is a real OS
+/// thread with its own stack).
+pub const MAX_THREADS: u64 = 1024;
+
+/// Largest memory image the examples make or map, in MiB.
+pub const MAX_MIB: u64 = 64 << 10;
+
+/// Largest fault-around window, in pages.
+pub const MAX_WINDOW: u64 = 1024;
+
+/// `-v`/`--verbose`, shared by every example.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LogArgs {
+    /// Print tokio_uffd's debug events on stderr (RUST_LOG=... adds or
+    /// refines filters; the default shows warnings and errors only)
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
-impl Flags {
-    /// Parses `std::env::args`; `--help` prints `usage` and exits.
-    pub fn parse(usage: &'static str, switches: &[&str]) -> Self {
-        let mut values = HashMap::new();
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            if arg == "-h" || arg == "--help" {
-                println!("{usage}");
-                std::process::exit(0);
-            }
-            let Some(name) = arg.strip_prefix("--") else {
-                fail(usage, &format!("unexpected argument {arg:?}"));
-            };
-            if switches.contains(&name) {
-                values.insert(name.to_string(), "true".to_string());
-                continue;
-            }
-            match args.next() {
-                Some(v) => values.insert(name.to_string(), v),
-                None => fail(usage, &format!("--{name} needs a value")),
-            };
-        }
-        Self { values, usage }
+/// Installs a `tracing` subscriber on stderr: `RUST_LOG` if set (default
+/// `warn`), plus `tokio_uffd=debug` with `--verbose`.
+pub fn init_tracing(log: LogArgs) {
+    let mut filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::WARN.into())
+        .from_env_lossy();
+    if log.verbose {
+        filter = filter.add_directive("tokio_uffd=debug".parse().expect("a valid directive"));
     }
-
-    pub fn string(&self, name: &str) -> Option<String> {
-        self.values.get(name).cloned()
-    }
-
-    pub fn switch(&self, name: &str) -> bool {
-        self.values.contains_key(name)
-    }
-
-    /// A positive number, or `default`.
-    pub fn number(&self, name: &str, default: usize) -> usize {
-        match self.values.get(name) {
-            None => default,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => fail(
-                    self.usage,
-                    &format!("--{name} needs a positive number, not {v:?}"),
-                ),
-            },
-        }
-    }
-
-    /// Checks that only `known` flags were given.
-    pub fn only(&self, known: &[&str]) {
-        for k in self.values.keys() {
-            if !known.contains(&k.as_str()) {
-                fail(self.usage, &format!("unknown flag --{k}"));
-            }
-        }
-    }
-}
-
-fn fail(usage: &str, msg: &str) -> ! {
-    eprintln!("error: {msg}\n{usage}");
-    std::process::exit(2);
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// The byte at `offset` of a generated image: depends on the offset and
@@ -170,7 +142,7 @@ pub fn micros(d: Duration) -> String {
     format!("{:.1} us", d.as_secs_f64() * 1e6)
 }
 
-/// Prints the server's figures.
+/// Prints the server's figures; `elapsed` is the time the work took.
 pub fn print_stats(s: &StatsSnapshot, elapsed: Duration) {
     let mib = s.bytes_served as f64 / (1 << 20) as f64;
     println!(
@@ -194,7 +166,22 @@ pub fn print_stats(s: &StatsSnapshot, elapsed: Duration) {
         s.latency.count
     );
     println!(
-        "  EEXIST {}, EAGAIN {}, handler failures {}",
-        s.eexist, s.eagain, s.handler_failures
+        "  removes {}, EEXIST {}, EAGAIN {}, handler failures {}, poisoned pages {}",
+        s.removes, s.eexist, s.eagain, s.handler_failures, s.poisoned
     );
+}
+
+/// The server's first and latest failures with their whole cause chains,
+/// one per line, or nothing when it had none.
+pub fn failures(stats: &Stats) -> String {
+    let mut out = String::new();
+    if let Some(first) = stats.first_failure() {
+        out += &format!("first failure: {}", tokio_uffd::error_chain(&first));
+        if let Some(last) = stats.last_failure() {
+            if last.fault_addr != first.fault_addr || last.addr != first.addr {
+                out += &format!("\nlatest failure: {}", tokio_uffd::error_chain(&last));
+            }
+        }
+    }
+    out
 }
