@@ -271,7 +271,7 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
     drop(handle); // the userfaultfd closes only after the VMM is gone
     let s = stats.snapshot();
     println!(
-        "VM {vm}: served for {:.3} s; {} Remove event(s), {} page(s) zeroed after a Remove, {} poisoned, {} failure(s)",
+        "VM {vm}: connected for {:.3} s; {} Remove event(s), {} page(s) zeroed after a Remove, {} poisoned, {} failure(s)",
         started.elapsed().as_secs_f64(),
         s.removes,
         s.pages_zeroed_after_remove,
@@ -283,6 +283,7 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
         println!("VM {vm}: {failures}");
     }
     // The rate over the time a page read was in flight, not the VM's life.
+    println!("VM {vm}: figures over the time spent serving (a page read in flight):");
     print_stats(&s, busy.total());
     Ok(())
 }

@@ -655,3 +655,102 @@ fn the_firecracker_handler_stops_a_vm_its_file_does_not_cover() {
     );
     assert_eq!(stdout.matches("the VMM hung up").count(), 1, "{stdout}");
 }
+
+/// Child entry point: a VMM whose memory file shrinks after the handler
+/// accepted it. The guest reads one page (served), truncates the file, then
+/// touches a page of its second region: that page cannot be read any more,
+/// and the handler must stop this process rather than let it run on.
+#[test]
+#[ignore = "child entry point, run by the_firecracker_handler_stops_a_vm_it_fails_to_serve_later"]
+fn child_firecracker_file_shrinks_entry() {
+    let (Ok(socket), Ok(mem)) = (
+        std::env::var("TOKIO_UFFD_FC_SHRINK_SOCKET"),
+        std::env::var("TOKIO_UFFD_FC_SHRINK_MEM"),
+    ) else {
+        return;
+    };
+    let uffd = UffdBuilder::new()
+        .method(CreateMethod::Device)
+        .user_mode_only(false)
+        .require(Features::EVENT_REMOVE)
+        .create()
+        .unwrap();
+    let page = uffd.page_size();
+    let regions = [Mapping::anon(REGION), Mapping::anon(REGION)];
+    for r in &regions {
+        // SAFETY: fresh guest memory, served by the handler.
+        unsafe { uffd.register(r.addr, REGION, RegisterMode::MISSING) }.unwrap();
+    }
+    let json = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{REGION},"offset":0,"page_size":{page}}},{{"base_host_virt_addr":{},"size":{REGION},"offset":{REGION},"page_size":{page}}}]"#,
+        regions[0].addr, regions[1].addr
+    );
+    let sock = UnixStream::connect(socket).unwrap();
+    send_fd(&sock, uffd.as_raw_fd(), json.as_bytes());
+    assert_eq!(read_at(regions[0].addr), guest_byte(0));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mem)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let b = read_at(regions[1].addr + REGION / 2);
+    eprintln!("the guest read {b:#04x} from a page its handler could not read");
+    std::process::exit(3);
+}
+
+#[test]
+fn the_firecracker_handler_stops_a_vm_it_fails_to_serve_later() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TmpDir::new("fc-shrink");
+    let mem = dir.0.join("guest.mem");
+    let socket = dir.0.join("uffd.sock");
+    let data: Vec<u8> = (0..2 * REGION).map(guest_byte).collect();
+    std::fs::write(&mem, &data).unwrap();
+    let handler = Command::new(example("firecracker_handler"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--mem-file")
+        .arg(&mem)
+        .args(["--exit-after", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket);
+    let vmm = run_child_test(
+        "child_firecracker_file_shrinks_entry",
+        &[
+            ("TOKIO_UFFD_FC_SHRINK_SOCKET", socket.to_str().unwrap()),
+            ("TOKIO_UFFD_FC_SHRINK_MEM", mem.to_str().unwrap()),
+        ],
+    );
+    let mut handler = handler;
+    let deadline = Instant::now() + BOUND;
+    while handler.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            handler.kill().unwrap();
+            panic!("the handler did not exit after the VM had gone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = handler.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "handler: {:?}\n{stdout}", out.status);
+    assert!(
+        matches!(vmm.signal(), Some(libc::SIGBUS | libc::SIGKILL)),
+        "the VMM ended with {vmm:?}\n{stdout}"
+    );
+    // The failure, with the source offset (in the second region) and cause.
+    assert!(stdout.contains("serving failed: "), "{stdout}");
+    assert!(
+        stdout.contains(&format!("from source 0 offset {:#x}", REGION + REGION / 2)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("failed to fill whole buffer"), "{stdout}");
+    assert!(stdout.contains("sent SIGBUS to the VMM (pid "), "{stdout}");
+    assert!(stdout.contains("1 failure(s)"), "{stdout}");
+    assert!(stdout.contains("first failure: "), "{stdout}");
+}
