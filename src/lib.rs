@@ -102,6 +102,15 @@
 //!   locks all that time: a handler in the *same* process that allocates
 //!   then deadlocks. Serve forking processes from another process (or fork
 //!   with the raw `clone` system call, as this crate's tests do).
+//! - With [`Features::EVENT_FORK`], a forking thread sleeps until its Fork
+//!   event is read, and nothing else wakes it: not even dropping every
+//!   handle to the userfaultfd, because the half-made child holds a copy of
+//!   it (and so does every earlier child that did not `exec`). A program
+//!   that stops reading a uffd with `EVENT_FORK` while the process can still
+//!   fork strands the forking thread for good. A [`Server`] that stops
+//!   reads the forks queued by then (and closes their children's uffds);
+//!   after that, keep a reader on the uffd, or make sure the process does
+//!   not fork, until every copy of it is closed.
 //! - Page sizes are not always 4096: use [`Uffd::page_size`] (and the huge
 //!   page size for hugetlbfs).
 //! - Many threads faulting on one page queue one message each: resolve once,
@@ -124,9 +133,10 @@ mod layout;
 mod server;
 mod source;
 mod stats;
-mod trace;
 pub mod sys;
+mod trace;
 mod uffd;
+mod watchdog;
 
 pub use asyncfd::{AsyncUffd, EventStream};
 pub use error::{error_chain, Error, ErrorKind, FailureAction, FaultFailure, Op, Result};
@@ -142,7 +152,7 @@ pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHa
 pub use layout::Region;
 pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
 pub use source::{FileSource, MemorySource, PageSource, ZeroSource};
-pub use stats::{Latency, Stats, StatsSnapshot};
+pub use stats::{Latency, Stall, Stats, StatsSnapshot};
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};
 
 /// The README's code, compiled as a doctest.

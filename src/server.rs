@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -154,6 +155,9 @@ impl<H> fmt::Debug for Server<H> {
 const MAX_WINDOW_BYTES: usize = 4 << 20;
 /// The most separate runs of pages one window is split into.
 const MAX_RUNS: usize = 8;
+/// How many reads a stopping server with `EVENT_FORK` makes to drain the
+/// queue, so that no fork is left waiting for its event to be read.
+const STOP_DRAIN_READS: u32 = 64;
 
 impl<H: FaultHandler> Server<H> {
     /// A server for `uffd` with `handler`, no regions (faults anywhere are
@@ -299,8 +303,9 @@ impl<H: FaultHandler> Server<H> {
             batch: self.batch,
             gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
         });
+        let span = trace::server_span(shared.uffd.uffd().as_raw_fd(), self.regions.len(), false);
         let reader = Reader::new(shared, Layout::new(self.regions), self.guard_threads, stop);
-        reader.run(stream).await
+        trace::in_span(span, reader.run(stream)).await
     }
 }
 
@@ -345,6 +350,12 @@ impl ServerHandle {
     /// [`ServerExit::Stopped`]. Faults not yet read stay queued in the
     /// kernel, their threads asleep, until the userfaultfd is read by
     /// someone else or closed.
+    ///
+    /// With `EVENT_FORK`, a fork in flight sleeps until its event is read,
+    /// and closing the userfaultfd would not wake it (see the crate's
+    /// gotchas): so before it ends, a stopping server reads what is queued
+    /// (up to 64 reads), serves those faults, and closes the uffds of
+    /// those forks' children (a stopping server serves no new child).
     pub fn stop(&self) {
         self.stop.stop();
     }
@@ -1038,6 +1049,11 @@ struct Reader<H> {
     last_tid: u32,
     /// The stop signal, shared with the servers of forked children.
     stop: Arc<StopSignal>,
+    /// Stop was asked for: no new event is read except to finish work
+    /// and to let forks complete.
+    stopping: bool,
+    /// Whether the uffd reports forks (`EVENT_FORK`).
+    forks: bool,
     /// The servers of forked children: awaited when this one stops (they
     /// stop with it), left running (detached) when it ends otherwise.
     children: Vec<tokio::task::JoinHandle<()>>,
@@ -1052,6 +1068,7 @@ impl<H: FaultHandler> Reader<H> {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(shared.concurrency));
+        let forks = shared.uffd.features().contains(Features::EVENT_FORK);
         Self {
             shared,
             layout,
@@ -1065,7 +1082,9 @@ impl<H: FaultHandler> Reader<H> {
             permits,
             tids: tids.into_iter().collect(),
             last_tid: 0,
+            forks,
             stop,
+            stopping: false,
             children: Vec::new(),
         }
     }
@@ -1074,14 +1093,53 @@ impl<H: FaultHandler> Reader<H> {
     /// what is in flight (reading events only while parked work needs the
     /// queue drained), then end. Errors end it at once; tasks in flight
     /// still finish their own faults.
-    async fn run(mut self, mut stream: EventStream) -> Result<ServerExit> {
+    // Without `tracing` the events below name nothing.
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    async fn run(self, stream: EventStream) -> Result<ServerExit> {
+        trace::event!(debug, "serving");
+        let result = self.serve(stream).await;
+        match &result {
+            Ok(ServerExit::Stopped) => trace::event!(debug, "stopped: asked to stop"),
+            Ok(ServerExit::ProcessExited) => {
+                trace::event!(debug, "stopped: the process that owns the memory exited")
+            }
+            Err(e) => trace::event!(
+                warn,
+                error = %crate::error::error_chain(e),
+                "stopped by an error"
+            ),
+        }
+        result
+    }
+
+    async fn serve(mut self, mut stream: EventStream) -> Result<ServerExit> {
         if let Some(gate) = &self.shared.gate {
             stream.set_removal_gate(gate.clone());
         }
         let mut stop = StopWait::new(self.stop.clone());
-        let mut stopping = false;
+        // Reads left to drain the queue once stopped (see below).
+        let mut drains = STOP_DRAIN_READS;
         loop {
-            if stopping && self.inflight == 0 && self.parked.is_empty() {
+            // Seen here too, not only when the select below polls it: once
+            // asked to stop, the server reads no new event (but to finish
+            // its work and to let forks complete).
+            if !self.stopping && self.stop.is_stopped() {
+                self.begin_stopping();
+            }
+            if self.stopping && self.inflight == 0 && self.parked.is_empty() {
+                // With EVENT_FORK a forking thread sleeps until its Fork is
+                // read, even once this uffd is dropped (the half-made child
+                // holds a copy of it): read what is queued before ending,
+                // serving its faults and closing its children's uffds.
+                if self.forks && drains > 0 {
+                    drains -= 1;
+                    if let Some(event) = stream.try_next_event()? {
+                        if let Some(exit) = self.after_read(Ok(event), &mut stream).await? {
+                            return Ok(exit);
+                        }
+                        continue;
+                    }
+                }
                 for child in std::mem::take(&mut self.children) {
                     let _ = child.await;
                 }
@@ -1093,15 +1151,15 @@ impl<H: FaultHandler> Reader<H> {
                 self.tids.insert(tid);
             }
             let retry_at = self.parked.iter().filter_map(|j| j.deadline).min();
-            let reading = !stopping || !self.parked.is_empty();
+            let reading = !self.stopping || !self.parked.is_empty();
             let step = tokio::select! {
                 biased;
                 // Only spawned tasks report here; none, none to wait for.
                 Some(done) = self.rx.recv(), if self.inflight > 0 => self.finish(done).await,
                 event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
                 _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
-                () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if !stopping => {
-                    stopping = true;
+                () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if !self.stopping => {
+                    self.begin_stopping();
                     Ok(None)
                 }
             };
@@ -1109,6 +1167,16 @@ impl<H: FaultHandler> Reader<H> {
                 return Ok(exit);
             }
         }
+    }
+
+    fn begin_stopping(&mut self) {
+        trace::event!(
+            debug,
+            inflight = self.inflight,
+            parked = self.parked.len(),
+            "stopping"
+        );
+        self.stopping = true;
     }
 
     /// Handles the event just read and the rest of its batch, then retries
@@ -1169,18 +1237,21 @@ impl<H: FaultHandler> Reader<H> {
         match event {
             Event::PageFault(fault) => self.batch_faults.push(fault),
             Event::Remove(r) => {
+                trace::event!(debug, start = %format_args!("{:#x}", r.start), end = %format_args!("{:#x}", r.end), "remove");
                 Stats::add(&stats.removes, 1);
                 self.layout.remove(r.start, r.end);
                 self.loose.remove(r.start, r.end, self.shared.page_size);
                 self.shared.handler.on_remove(r.start, r.end);
             }
             Event::Unmap(u) => {
+                trace::event!(debug, start = %format_args!("{:#x}", u.start), end = %format_args!("{:#x}", u.end), "unmap");
                 Stats::add(&stats.unmaps, 1);
                 self.layout.unmap(u.start, u.end);
                 self.loose.unmap(u.start, u.end);
                 self.shared.handler.on_unmap(u.start, u.end);
             }
             Event::Remap(r) => {
+                trace::event!(debug, from = %format_args!("{:#x}", r.from), to = %format_args!("{:#x}", r.to), len = r.len, "remap");
                 Stats::add(&stats.remaps, 1);
                 self.layout.remap(r.from, r.to, r.len);
                 self.loose.remap(r.from, r.to, r.len);
@@ -1189,8 +1260,23 @@ impl<H: FaultHandler> Reader<H> {
             Event::Fork(fork) => {
                 Stats::add(&stats.forks, 1);
                 self.shared.handler.on_fork();
-                if self.shared.fork == ForkPolicy::Serve {
+                if self.stopping {
+                    // Read only so that the fork completes: a stopping
+                    // server serves no new child.
+                    trace::event!(
+                        warn,
+                        child_uffd = fork.uffd().as_raw_fd(),
+                        "a process forked while the server was stopping: its child's memory is not served"
+                    );
+                } else if self.shared.fork == ForkPolicy::Serve {
+                    trace::event!(
+                        debug,
+                        child_uffd = fork.uffd().as_raw_fd(),
+                        "fork: serving the child"
+                    );
                     self.serve_child(fork.into_uffd())?;
+                } else {
+                    trace::event!(debug, "fork: the child is not served (ForkPolicy::Ignore)");
                 }
             }
         }
@@ -1214,21 +1300,33 @@ impl<H: FaultHandler> Reader<H> {
                 }
             }
         }
+        let span = trace::server_span(uffd.uffd().as_raw_fd(), layout.regions.len(), true);
         let shared = Arc::new(self.shared.for_child(uffd.clone()));
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
         let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone());
         let stats = self.shared.stats.clone();
         self.children.retain(|c| !c.is_finished());
-        self.children.push(tokio::spawn(async move {
-            if let Err(e) = Box::pin(reader.run(stream)).await {
-                stats.set_error(format!("a forked child's server failed: {e}"));
-            }
-        }));
+        self.children
+            .push(tokio::spawn(trace::in_span(span, async move {
+                if let Err(e) = Box::pin(reader.run(stream)).await {
+                    stats.set_error(format!(
+                        "a forked child's server failed: {}",
+                        crate::error::error_chain(&e)
+                    ));
+                }
+            })));
         Ok(())
     }
 
     async fn on_fault(&mut self, fault: PageFault) -> Result<Option<ServerExit>> {
         let read_at = Instant::now();
+        trace::event!(
+            trace,
+            addr = %format_args!("{:#x}", fault.address),
+            kind = ?fault.kind(),
+            thread = fault.thread_id,
+            "fault"
+        );
         let stats = &self.shared.stats;
         match fault.kind() {
             FaultKind::Missing => Stats::add(&stats.missing, 1),
@@ -1453,6 +1551,11 @@ impl<H: FaultHandler> Reader<H> {
             }
             Outcome::Park => {
                 if job.deadline.is_none() {
+                    trace::event!(
+                        debug,
+                        addr = %format_args!("{:#x}", job.page),
+                        "parked: the address space is changing (EAGAIN); reading events and retrying"
+                    );
                     job.deadline = Some(Instant::now() + self.shared.retry_timeout);
                 }
                 self.parked.push(job);
@@ -1643,6 +1746,12 @@ impl<H: FaultHandler> Reader<H> {
                 }
                 Outcome::Park => self.parked.push(job),
                 outcome => {
+                    trace::event!(
+                        debug,
+                        addr = %format_args!("{:#x}", job.page),
+                        waited = ?now.saturating_duration_since(job.read_at),
+                        "unparked"
+                    );
                     if let Some(exit) = self.finish(Done { job, outcome }).await? {
                         return Ok(Some(exit));
                     }

@@ -36,3 +36,44 @@ pub(crate) fn report_failure(failure: &FaultFailure) {
     #[cfg(not(feature = "tracing"))]
     let _ = failure;
 }
+
+/// The span a server (or a forked child's server) runs in.
+#[cfg(feature = "tracing")]
+pub(crate) type Span = tracing::Span;
+
+/// Without `tracing`, nothing.
+#[cfg(not(feature = "tracing"))]
+#[derive(Debug, Clone)]
+pub(crate) struct Span;
+
+/// The span of a server reading userfaultfd `fd` for `regions` regions; a
+/// forked child's when `child`.
+pub(crate) fn server_span(fd: std::os::fd::RawFd, regions: usize, child: bool) -> Span {
+    #[cfg(feature = "tracing")]
+    {
+        if child {
+            tracing::debug_span!("uffd_child", uffd = fd, regions)
+        } else {
+            tracing::debug_span!("uffd_server", uffd = fd, regions)
+        }
+    }
+    #[cfg(not(feature = "tracing"))]
+    {
+        let _ = (fd, regions, child);
+        Span
+    }
+}
+
+/// Runs `f` inside `span`.
+pub(crate) async fn in_span<F: std::future::Future>(span: Span, f: F) -> F::Output {
+    #[cfg(feature = "tracing")]
+    {
+        use tracing::Instrument;
+        f.instrument(span).await
+    }
+    #[cfg(not(feature = "tracing"))]
+    {
+        let _ = span;
+        f.await
+    }
+}
