@@ -610,3 +610,44 @@ pub fn gettid() -> u32 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::gettid() as u32 }
 }
+
+/// `vm.mmap_min_addr` from `/proc/sys/vm/mmap_min_addr`, or `None` if it
+/// cannot be read (no procfs, a sandbox).
+pub(crate) fn mmap_min_addr() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Maps one page that nothing can read or write (`PROT_NONE`, shared
+/// anonymous, `MAP_NORESERVE`) and returns its address. With `Some(addr)`
+/// the page goes exactly there or nowhere (`MAP_FIXED_NOREPLACE`: an
+/// existing mapping is never replaced; kernels before 4.17 treat the flag as
+/// a hint, so a page placed elsewhere is unmapped again and reported as
+/// `EEXIST`). With `None` the kernel picks the address.
+///
+/// The page is never unmapped: it is the owner probe's source (see
+/// `Uffd::owner_exited`), whose whole point is that a read of it fails.
+pub(crate) fn map_inaccessible_page(addr: Option<usize>, page_size: usize) -> io::Result<usize> {
+    let mut flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if addr.is_some() {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    let hint = addr.unwrap_or(0) as *mut libc::c_void;
+    // SAFETY: a new inaccessible mapping; MAP_FIXED_NOREPLACE never replaces
+    // an existing one, so no memory of this process changes.
+    let p = unsafe { libc::mmap(hint, page_size, libc::PROT_NONE, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if let Some(want) = addr {
+        if p as usize != want {
+            // SAFETY: unmapping the page this call just mapped.
+            unsafe { libc::munmap(p, page_size) };
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+    }
+    Ok(p as usize)
+}
