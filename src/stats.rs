@@ -108,9 +108,12 @@ pub struct Stats {
     pub(crate) removes: AtomicU64,
     pub(crate) remaps: AtomicU64,
     pub(crate) unmaps: AtomicU64,
+    /// Stalled faults (and episodes of unread faults) the watchdog reported.
+    pub(crate) stalls: AtomicU64,
     latency: Histogram,
     last_error: Mutex<Option<String>>,
     failures: Mutex<Failures>,
+    last_stall: Mutex<Option<Stall>>,
 }
 
 /// The first and the latest failure to serve a fault.
@@ -147,9 +150,11 @@ impl Stats {
             removes: z(),
             remaps: z(),
             unmaps: z(),
+            stalls: z(),
             latency: Histogram::new(),
             last_error: Mutex::new(None),
             failures: Mutex::new(Failures::default()),
+            last_stall: Mutex::new(None),
         }
     }
 
@@ -208,6 +213,24 @@ impl Stats {
             .clone()
     }
 
+    /// Records a stall the watchdog found: counts it and keeps it as the
+    /// [`last_stall`](Self::last_stall).
+    pub(crate) fn record_stall(&self, stall: Stall) {
+        Self::add(&self.stalls, 1);
+        *self.last_stall.lock().unwrap_or_else(|p| p.into_inner()) = Some(stall);
+    }
+
+    /// The latest stall the server's watchdog reported: a fault that waited
+    /// longer than the watchdog's threshold, unread or unresolved. `None` if
+    /// there was none (or no watchdog runs). Its `Display` says what is
+    /// stuck and what to do.
+    pub fn last_stall(&self) -> Option<Stall> {
+        self.last_stall
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A consistent-enough copy of every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         let l = |c: &AtomicU64| c.load(Relaxed);
@@ -229,6 +252,7 @@ impl Stats {
             removes: l(&self.removes),
             remaps: l(&self.remaps),
             unmaps: l(&self.unmaps),
+            stalls: l(&self.stalls),
             latency: self.latency.summary(),
         }
     }
@@ -275,8 +299,105 @@ pub struct StatsSnapshot {
     pub remaps: u64,
     /// Unmap events.
     pub unmaps: u64,
+    /// Stalls the watchdog reported: faults that waited longer than its
+    /// threshold without being read (one per episode) or without being
+    /// resolved (one per fault). See [`Stats::last_stall`].
+    pub stalls: u64,
     /// Latency from reading a fault to its resolution.
     pub latency: Latency,
+}
+
+/// A fault that waited longer than the watchdog's threshold, as
+/// [`Stats::last_stall`] reports it. Its `Display` says what is stuck and
+/// what to do.
+///
+/// Two kinds: *unread* (`fault_addr` is `None`): faults sat in the
+/// userfaultfd's queue and the server did not read them, typically because
+/// a thread of the server's own runtime touched registered memory and
+/// sleeps in the kernel, so the runtime cannot run; the address is unknown
+/// because the message was never read. *Unresolved* (`fault_addr` is
+/// `Some`): the server read the fault but its handler has not resolved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stall {
+    /// How long the fault had waited when the watchdog reported it (at
+    /// least this long: the watchdog checks periodically).
+    pub waited: Duration,
+    /// The faulting address, if the fault was read; `None` for unread
+    /// faults, whose message is still in the kernel's queue.
+    pub fault_addr: Option<usize>,
+    /// The faulting thread's id (as from `gettid`), if known: for an
+    /// unresolved fault, when the userfaultfd has
+    /// [`Features::THREAD_ID`](crate::Features::THREAD_ID); for unread
+    /// faults, a thread of this process asleep in a userfault (the longest
+    /// asleep first).
+    pub thread: Option<u32>,
+    /// That thread's name (`/proc/self/task/<tid>/comm`, at most 15 bytes),
+    /// if it is a thread of this process.
+    pub thread_name: Option<String>,
+    /// Faults queued in the userfaultfd and not yet read, when reported.
+    pub unread: u64,
+    /// Faults read but not yet resolved (their threads still asleep), when
+    /// reported.
+    pub unresolved: u64,
+}
+
+impl fmt::Display for Stall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Whole milliseconds read better than nanoseconds.
+        let waited = match self.waited.as_millis() {
+            0 => self.waited,
+            ms => Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)),
+        };
+        let who = match (self.thread, &self.thread_name) {
+            (Some(tid), Some(name)) => format!("thread {tid} ({name:?})"),
+            (Some(tid), None) => format!("thread {tid}"),
+            _ => String::new(),
+        };
+        match self.fault_addr {
+            None => {
+                write!(
+                    f,
+                    "{} page fault(s) queued for at least {waited:?} and not read: the server \
+                     is not reading its userfaultfd (the faulting address is unknown while \
+                     the message is unread). ",
+                    self.unread
+                )?;
+                if who.is_empty() {
+                    write!(
+                        f,
+                        "No thread of this process is asleep in a userfault (the faulting \
+                         threads may belong to another process): is the server's runtime \
+                         blocked or stopped? "
+                    )?;
+                } else {
+                    let who = who.replacen("thread", "Thread", 1);
+                    write!(f, "{who} is asleep in a userfault. ")?;
+                }
+                write!(
+                    f,
+                    "A thread of the server's own runtime that touches registered memory \
+                     sleeps until the server resolves the fault, which it then never can: \
+                     never touch registered memory from the runtime that serves it (use a \
+                     std::thread, spawn_blocking, another runtime or another process)"
+                )
+            }
+            Some(addr) => {
+                write!(f, "the page fault at {addr:#x}")?;
+                if !who.is_empty() {
+                    write!(f, " by {who}")?;
+                }
+                write!(
+                    f,
+                    " was read {waited:?} ago and is still not resolved; the faulting thread \
+                     sleeps until it is. Check the handler (or page source): it may wait for \
+                     something that never completes, or block its runtime. \
+                     ({} fault(s) read and unresolved, {} unread.)",
+                    self.unresolved, self.unread
+                )
+            }
+        }
+    }
 }
 
 impl StatsSnapshot {
