@@ -215,17 +215,17 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
             return Ok(());
         }
         let page_size = m.page_size.or(m.page_size_kib).unwrap_or(page);
-        regions.push(Region::new(
-            m.base_host_virt_addr as usize,
-            m.size,
-            page_size,
-            m.offset,
-        ));
+        let start = m.base_host_virt_addr as usize;
+        regions.push(
+            Region::new(start..start.saturating_add(m.size))
+                .with_page_size(page_size)
+                .with_offset(m.offset),
+        );
     }
     println!(
         "VM {vm} (pid {pid}): {} region(s), {:.1} MiB, features {:?}",
         regions.len(),
-        regions.iter().map(|r| r.len).sum::<usize>() as f64 / (1 << 20) as f64,
+        regions.iter().map(|r| r.len()).sum::<usize>() as f64 / (1 << 20) as f64,
         uffd.features()
     );
     let uffd = AsyncUffd::new(uffd).map_err(|e| format!("pid {pid}: {e}"))?;
@@ -237,8 +237,18 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
     };
     // Stop, not poison: a guest must not take SIGBUS in the middle of its
     // code; the VMM is stopped below instead.
-    let mut handle = Server::new(uffd, SourceHandler::new(source))
-        .regions(regions)
+    let keep = uffd.clone();
+    let server = match Server::new(uffd, SourceHandler::new(source)).regions(regions) {
+        Ok(server) => server,
+        Err(e) => {
+            println!("VM {vm} (pid {pid}): refused: {e}");
+            stop_vmm(vm, pid, &mut stream).await;
+            drop(keep); // only now: the VMM is gone
+            return Ok(());
+        }
+    };
+    drop(keep);
+    let mut handle = server
         .prefetch(cfg.window)
         .on_failure(FailurePolicy::Stop)
         .spawn();

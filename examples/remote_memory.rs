@@ -174,7 +174,7 @@ fn restore(
         pool: Mutex::new(Vec::new()),
     };
     let handle = Server::new(AsyncUffd::new(uffd)?, SourceHandler::new(source))
-        .regions([Region::new(mem.addr, len, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + len)])?
         .prefetch(window)
         .spawn();
     let server = Watched::new(handle);

@@ -156,7 +156,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let _guard = rt.enter();
     let handle = Server::new(AsyncUffd::new(uffd)?, SourceHandler::new(source))
-        .regions([Region::new(mem.addr, len, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + len)])?
         .prefetch(window)
         .spawn();
     let server = Watched::new(handle);

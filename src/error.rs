@@ -257,6 +257,19 @@ pub enum Error {
     #[error(transparent)]
     Handler(Box<FaultFailure>),
 
+    /// A region given to [`Server::regions`](crate::Server::regions) is
+    /// unusable.
+    #[error(
+        "invalid region {:#x}..{:#x} (page size {}, {}, offset {:#x}): {problem}",
+        region.start(), region.end(), region.page_size, region.source(), region.offset()
+    )]
+    InvalidRegion {
+        /// The region.
+        region: crate::layout::Region,
+        /// What is wrong with it, and what to do.
+        problem: String,
+    },
+
     /// The server itself failed (its task panicked or was cancelled).
     #[error("{reason}")]
     Server {
@@ -308,8 +321,8 @@ pub struct FaultFailure {
     pub addr: usize,
     /// Bytes in that run.
     pub len: usize,
-    /// The page source of the region (0 outside any region).
-    pub source: usize,
+    /// The page source of the region (the first outside every region).
+    pub source: crate::layout::SourceId,
     /// The offset of `addr` in that source; outside every region, `addr`.
     pub offset: u64,
     /// What the server did about it.
@@ -349,7 +362,7 @@ impl fmt::Display for FaultFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "serving {:#x} bytes at {:#x} (fault at {:#x}) from source {} offset {:#x} failed ({}): {}",
+            "serving {:#x} bytes at {:#x} (fault at {:#x}) from {} offset {:#x} failed ({}): {}",
             self.len,
             self.addr,
             self.fault_addr,
@@ -454,7 +467,7 @@ impl Error {
                 io::ErrorKind::WouldBlock => ErrorKind::WouldBlock,
                 _ => ErrorKind::Other,
             },
-            Error::NotUffd { .. } => ErrorKind::InvalidInput,
+            Error::NotUffd { .. } | Error::InvalidRegion { .. } => ErrorKind::InvalidInput,
             Error::PartialMessage { .. }
             | Error::UnknownEvent { .. }
             | Error::BadMessage { .. }

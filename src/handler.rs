@@ -3,6 +3,7 @@
 use std::future::Future;
 
 use crate::event::{FaultKind, Remap};
+use crate::layout::SourceId;
 use crate::source::PageSource;
 
 /// The error type handlers return.
@@ -28,8 +29,8 @@ pub struct FaultRequest {
     /// The faulting thread, when `THREAD_ID` was granted.
     pub thread_id: Option<u32>,
     /// The page source of the region (see [`Region::source`](crate::Region::source)),
-    /// 0 outside any region.
-    pub source: usize,
+    /// the first outside every region.
+    pub source: SourceId,
     /// The offset of `addr` in that source; outside any region, `addr`.
     pub offset: u64,
 }
@@ -106,12 +107,31 @@ pub trait FaultHandler: Send + Sync + 'static {
 /// region's source, minor faults continued, write-protect faults
 /// unprotected.
 ///
+/// One source for every region:
+///
 /// ```no_run
-/// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize) -> std::io::Result<()> {
+/// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize) -> Result<(), Box<dyn std::error::Error>> {
 /// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
 ///
-/// let regions = [Region::new(base, 128 << 20, uffd.page_size(), 0)];
-/// let server = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?)).regions(regions);
+/// let handler = SourceHandler::new(FileSource::open("mem.snap")?);
+/// let server = Server::new(uffd, handler).regions([Region::new(base..base + (128 << 20))])?;
+/// # Ok(()) }
+/// ```
+///
+/// Sources of different kinds, each region naming its own:
+///
+/// ```no_run
+/// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// use tokio_uffd::{BoxedSource, FileSource, Region, Server, SourceHandler, ZeroSource};
+///
+/// let mut handler = SourceHandler::empty();
+/// let snapshot = handler.add(BoxedSource::new(FileSource::open("mem.snap")?));
+/// let fresh = handler.add(BoxedSource::new(ZeroSource));
+/// let mid = base + (64 << 20);
+/// let server = Server::new(uffd, handler).regions([
+///     Region::new(base..mid).with_source(snapshot),
+///     Region::new(mid..mid + (64 << 20)).with_source(fresh),
+/// ])?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -120,14 +140,30 @@ pub struct SourceHandler<S> {
 }
 
 impl<S: PageSource> SourceHandler<S> {
-    /// A handler serving every region from `source`.
+    /// A handler serving every region from `source` (whose id is the
+    /// default [`SourceId`]).
     pub fn new(source: S) -> Self {
         Self {
             sources: vec![source],
         }
     }
 
-    /// A handler serving region `r` from `sources[r.source]`.
+    /// A handler with no source yet: [`add`](Self::add) them.
+    pub fn empty() -> Self {
+        Self {
+            sources: Vec::new(),
+        }
+    }
+
+    /// Adds a source; regions name it with the id returned
+    /// ([`Region::with_source`](crate::Region::with_source)). Sources of
+    /// different kinds go in one handler as [`BoxedSource`](crate::BoxedSource)s.
+    pub fn add(&mut self, source: S) -> SourceId {
+        self.sources.push(source);
+        SourceId::new(self.sources.len() - 1)
+    }
+
+    /// A handler serving region `r` from `sources[r.source().index()]`.
     pub fn with_sources(sources: Vec<S>) -> Self {
         Self { sources }
     }
@@ -138,7 +174,9 @@ impl<S: PageSource> FaultHandler for SourceHandler<S> {
         if req.kind != FaultKind::Missing {
             return None;
         }
-        self.sources.get(req.source)?.bytes_at(req.offset, req.len)
+        self.sources
+            .get(req.source.index())?
+            .bytes_at(req.offset, req.len)
     }
 
     async fn fault<'a>(
@@ -150,10 +188,11 @@ impl<S: PageSource> FaultHandler for SourceHandler<S> {
             FaultKind::Minor => Resolution::Continue,
             FaultKind::WriteProtect => Resolution::Unprotect,
             FaultKind::Missing => {
-                let source = self.sources.get(req.source).ok_or_else(|| {
+                let source = self.sources.get(req.source.index()).ok_or_else(|| {
                     format!(
-                        "no page source number {} (the handler has {})",
-                        req.source,
+                        "no page source with id {} (the handler has {}): \
+                         give regions the ids SourceHandler::add returned",
+                        req.source.index(),
                         self.sources.len()
                     )
                 })?;

@@ -4,53 +4,204 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::error::Error;
+
+/// Which page source serves a [`Region`]: what
+/// [`SourceHandler::add`](crate::SourceHandler::add) returns, or any number
+/// a handler of your own gives meaning to. The default is the first
+/// source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceId(usize);
+
+impl SourceId {
+    /// The source at `index` (in the order they were added).
+    pub const fn new(index: usize) -> Self {
+        Self(index)
+    }
+
+    /// Its index.
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl std::fmt::Display for SourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "source {}", self.0)
+    }
+}
+
 /// A range of registered memory and where its contents come from.
 ///
 /// Like Firecracker's `GuestRegionUffdMapping`: the bytes at
-/// `start + i` are the bytes at `offset + i` of page source number `source`.
+/// `start() + i` are the bytes at `offset() + i` of the page source
+/// `source()`. Built from its address range, each other property named:
+///
+/// ```
+/// use tokio_uffd::{Region, SourceId};
+///
+/// let base = 0x7f00_0000_0000;
+/// let guest = Region::new(base..base + (256 << 20))
+///     .with_page_size(2 << 20) // hugetlbfs; the default is the base page size
+///     .with_offset(0x1000_0000) // where it starts in the snapshot file
+///     .with_source(SourceId::new(1));
+/// assert_eq!(guest.len(), 256 << 20);
+/// ```
+///
+/// A region is checked when it is given to
+/// [`Server::regions`](crate::Server::regions): a page size that is not a
+/// power of two (or smaller than the base page size), a start or length
+/// not aligned to it, an empty range, a range that overflows the address
+/// space or the source's offsets, or regions that overlap are each a clear
+/// error there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Region {
-    /// First byte of the range (aligned to `page_size`).
-    pub start: usize,
-    /// Length in bytes (a multiple of `page_size`).
-    pub len: usize,
-    /// The page size of the mapping: the base page size, or the huge page
-    /// size for hugetlbfs.
-    pub page_size: usize,
-    /// Which page source serves the region (an index the handler defines;
-    /// 0 for a single source).
-    pub source: usize,
-    /// Offset of `start` in the page source.
-    pub offset: u64,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    /// The page size given, if any.
+    given_page_size: Option<usize>,
+    /// The page size in use: 0 until the server has checked the region.
+    pub(crate) page_size: usize,
+    pub(crate) source: SourceId,
+    pub(crate) offset: u64,
 }
 
 impl Region {
-    /// A region at `start` of `len` bytes with base pages, served from
-    /// offset `offset` of source 0.
-    pub fn new(start: usize, len: usize, page_size: usize, offset: u64) -> Self {
+    /// The memory `range`, with the base page size, served from offset 0
+    /// of the first source.
+    pub fn new(range: std::ops::Range<usize>) -> Self {
         Self {
-            start,
-            len,
-            page_size,
-            source: 0,
-            offset,
+            start: range.start,
+            // A reversed range is empty, and rejected as such.
+            len: range.end.saturating_sub(range.start),
+            given_page_size: None,
+            page_size: 0,
+            source: SourceId::default(),
+            offset: 0,
         }
     }
 
-    /// The same region, served from page source number `source`.
-    pub fn with_source(mut self, source: usize) -> Self {
+    /// The page size of the mapping: the huge page size for hugetlbfs.
+    pub fn with_page_size(mut self, bytes: usize) -> Self {
+        self.given_page_size = Some(bytes);
+        self
+    }
+
+    /// Where `start()` is in the page source.
+    pub fn with_offset(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// The page source that serves the region.
+    pub fn with_source(mut self, source: SourceId) -> Self {
         self.source = source;
         self
     }
 
+    /// First byte.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (which [`Server::regions`](crate::Server::regions)
+    /// rejects).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// One past the last byte.
     pub fn end(&self) -> usize {
-        self.start + self.len
+        self.start.wrapping_add(self.len)
+    }
+
+    /// The page size given, or `None` for the base page size.
+    pub fn page_size(&self) -> Option<usize> {
+        self.given_page_size
+    }
+
+    /// Where `start()` is in the page source.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The page source that serves the region.
+    pub fn source(&self) -> SourceId {
+        self.source
     }
 
     pub(crate) fn contains(&self, addr: usize) -> bool {
-        addr >= self.start && addr < self.end()
+        addr >= self.start && addr - self.start < self.len
     }
+
+    /// Fills in the base page size and checks what one region can get
+    /// wrong on its own.
+    fn checked(mut self, base_page: usize) -> Result<Self, Error> {
+        self.page_size = self.given_page_size.unwrap_or(base_page);
+        let region = self;
+        let bad = |problem: String| Error::InvalidRegion { region, problem };
+        let ps = self.page_size;
+        if !ps.is_power_of_two() || ps < base_page {
+            return Err(bad(format!(
+                "its page size {ps} is not a power of two at least the base page size {base_page}: \
+                 give the mapping's page size (the huge page size for hugetlbfs)"
+            )));
+        }
+        if self.len == 0 {
+            return Err(bad(
+                "it is empty (its range ends at or before its start)".into()
+            ));
+        }
+        if self.start.checked_add(self.len).is_none() {
+            return Err(bad("it runs past the end of the address space".into()));
+        }
+        if self.start % ps != 0 || self.len % ps != 0 {
+            return Err(bad(format!(
+                "its start {:#x} and length {:#x} must be multiples of its page size {ps}: \
+                 round the range out to whole pages",
+                self.start, self.len
+            )));
+        }
+        if self.offset.checked_add(self.len as u64).is_none() {
+            return Err(bad(format!(
+                "its source offset {:#x} plus its length overflows 64 bits",
+                self.offset
+            )));
+        }
+        Ok(self)
+    }
+}
+
+/// Checks a server's region table (with `base_page`, the userfaultfd's
+/// base page size, filled in where none was given): each region on its own,
+/// then that no two overlap.
+pub(crate) fn checked_regions(
+    regions: impl IntoIterator<Item = Region>,
+    base_page: usize,
+) -> Result<Vec<Region>, Error> {
+    let mut out = regions
+        .into_iter()
+        .map(|r| r.checked(base_page))
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by_key(|r| r.start);
+    for pair in out.windows(2) {
+        if pair[1].start < pair[0].end() {
+            return Err(Error::InvalidRegion {
+                region: pair[1],
+                problem: format!(
+                    "it overlaps the region {:#x}..{:#x}: every address must belong to one region",
+                    pair[0].start,
+                    pair[0].end()
+                ),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A fixed-size set of page indices.
@@ -427,7 +578,15 @@ mod tests {
 
     #[test]
     fn remap_moves_part_of_a_region_with_its_offset_and_state() {
-        let mut l = Layout::new(vec![Region::new(0x10000, 4 * P, P, 0x1000)]);
+        let mut l = Layout::new(
+            checked_regions(
+                [Region::new(0x10000..0x10000 + 4 * P)
+                    .with_page_size(P)
+                    .with_offset(0x1000)],
+                P,
+            )
+            .unwrap(),
+        );
         let i = l.find(0x10000 + 2 * P).unwrap();
         let idx = l.regions[i].page_index(0x10000 + 2 * P);
         l.regions[i].served.set(idx, true);
@@ -439,6 +598,67 @@ mod tests {
         assert!(!moved.served.get(1));
         assert!(l.find(0x10000 + 2 * P).is_none());
         assert_eq!(l.regions[l.find(0x10000).unwrap()].region.len, 2 * P);
+    }
+
+    #[test]
+    fn region_tables_are_checked_with_clear_errors() {
+        let ok = Region::new(0x10000..0x10000 + 4 * P);
+        assert_eq!(ok.page_size(), None);
+        let regions = checked_regions([ok], P).unwrap();
+        assert_eq!(regions[0].page_size, P, "the base page size is filled in");
+        let cases = [
+            (
+                Region::new(0x10000..0x20000).with_page_size(0),
+                "power of two",
+            ),
+            (
+                Region::new(0x10000..0x20000).with_page_size(3000),
+                "power of two",
+            ),
+            (
+                Region::new(0x10000..0x20000).with_page_size(1024),
+                "power of two",
+            ),
+            (Region::new(0x10000..0x10000), "empty"),
+            #[allow(clippy::reversed_empty_ranges)]
+            (Region::new(0x20000..0x10000), "empty"),
+            (Region::new(0x10001..0x20001), "multiples"),
+            (Region::new(0x10000..0x10800), "multiples"),
+            (
+                Region::new(0x100000..0x300000).with_page_size(2 << 20),
+                "multiples",
+            ),
+            (
+                Region::new(0x10000..0x20000).with_offset(u64::MAX - P as u64),
+                "overflows",
+            ),
+        ];
+        for (region, want) in cases {
+            let err = checked_regions([region], P).unwrap_err();
+            assert!(err.to_string().contains(want), "{region:?}: {err}");
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidInput);
+        }
+        let mut end_of_space = Region::new(0..P);
+        end_of_space.start = usize::MAX - P + 1;
+        end_of_space.len = 2 * P;
+        let err = checked_regions([end_of_space], P).unwrap_err();
+        assert!(err.to_string().contains("address space"), "{err}");
+        let err = checked_regions(
+            [Region::new(0x10000..0x30000), Region::new(0x2f000..0x40000)],
+            P,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("overlaps the region 0x10000..0x30000"),
+            "{err}"
+        );
+        // Touching is not overlapping.
+        checked_regions(
+            [Region::new(0x10000..0x30000), Region::new(0x30000..0x40000)],
+            P,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -462,7 +682,9 @@ mod tests {
 
     #[test]
     fn unmap_and_remove_update_the_pages() {
-        let mut l = Layout::new(vec![Region::new(0x10000, 4 * P, P, 0)]);
+        let mut l = Layout::new(
+            checked_regions([Region::new(0x10000..0x10000 + 4 * P).with_page_size(P)], P).unwrap(),
+        );
         l.regions[0].served.set_range(0, 4, true);
         l.remove(0x10000 + P, 0x10000 + 3 * P);
         assert!(l.regions[0].served.get(0) && !l.regions[0].served.get(1));

@@ -149,9 +149,9 @@ pub use flags::{
     RegisterMode, UnprotectFlags, ZeropageFlags,
 };
 pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHandler};
-pub use layout::Region;
+pub use layout::{Region, SourceId};
 pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
-pub use source::{FileSource, MemorySource, PageSource, ZeroSource};
+pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
 pub use stats::{Latency, Stall, Stats, StatsSnapshot};
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};
 

@@ -21,7 +21,7 @@ use crate::flags::{
     ContinueFlags, CopyFlags, Features, PoisonFlags, UnprotectFlags, ZeropageFlags,
 };
 use crate::handler::{FaultHandler, FaultRequest, Resolution};
-use crate::layout::{Layout, LoosePages, PageHash, Region};
+use crate::layout::{Layout, LoosePages, PageHash, Region, SourceId};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trace;
 
@@ -114,9 +114,8 @@ pub enum ServerExit {
 /// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize, len: usize) -> Result<(), Box<dyn std::error::Error>> {
 /// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
 ///
-/// let page = uffd.page_size();
 /// let handle = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?))
-///     .regions([Region::new(base, len, page, 0)])
+///     .regions([Region::new(base..base + len)])?
 ///     .prefetch(16)
 ///     .spawn();
 /// // ... the program runs and faults ...
@@ -183,9 +182,18 @@ impl<H: FaultHandler> Server<H> {
     /// Adds regions: where the memory is, its page size and where its
     /// contents come from. Faults outside every region are still served,
     /// page by page, with the base page size and `offset = address`.
-    pub fn regions(mut self, regions: impl IntoIterator<Item = Region>) -> Self {
-        self.regions.extend(regions);
-        self
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRegion`] naming the region and what is wrong with
+    /// it: a page size that is not a power of two at least the base page
+    /// size, a start or length not aligned to it, an empty range, a range
+    /// past the end of the address space or of 64-bit source offsets, or
+    /// two regions (given now or before) that overlap.
+    pub fn regions(mut self, regions: impl IntoIterator<Item = Region>) -> Result<Self> {
+        let all = self.regions.iter().copied().chain(regions);
+        self.regions = crate::layout::checked_regions(all, self.uffd.page_size())?;
+        Ok(self)
     }
 
     /// Resolves an aligned window of `pages` pages (clipped to the region,
@@ -638,7 +646,7 @@ struct Job {
     fault: PageFault,
     page: usize,
     page_size: usize,
-    source: usize,
+    source: SourceId,
     read_at: Instant,
     runs: [Run; MAX_RUNS],
     nruns: usize,
@@ -1400,7 +1408,15 @@ impl<H: FaultHandler> Reader<H> {
             if self.loose.is_inflight(page) {
                 return None;
             }
-            let mut job = new_job(&mut self.spare, fault, page, base, 0, read_at, generation);
+            let mut job = new_job(
+                &mut self.spare,
+                fault,
+                page,
+                base,
+                SourceId::default(),
+                read_at,
+                generation,
+            );
             let missing = fault.kind() == FaultKind::Missing;
             let zero = missing && (self.loose.is_served(page) || self.loose.is_removed(page));
             job.runs[0] = Run {
@@ -1769,7 +1785,7 @@ fn new_job(
     fault: PageFault,
     page: usize,
     page_size: usize,
-    source: usize,
+    source: SourceId,
     read_at: Instant,
     generation: u64,
 ) -> Box<Job> {

@@ -240,6 +240,63 @@ impl PageSource for FileSource {
     }
 }
 
+/// Any [`PageSource`] behind one type, so that one
+/// [`SourceHandler`](crate::SourceHandler) serves regions from sources of
+/// different kinds (a file, zeros, an object store).
+///
+/// [`bytes_at`](PageSource::bytes_at) costs a virtual call;
+/// [`read_at`](PageSource::read_at) also boxes its future, an allocation
+/// next to a read that waits for a disk or a network.
+pub struct BoxedSource(Box<dyn DynSource>);
+
+impl BoxedSource {
+    /// `source`, type-erased.
+    pub fn new(source: impl PageSource) -> Self {
+        Self(Box::new(source))
+    }
+}
+
+impl fmt::Debug for BoxedSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxedSource").finish_non_exhaustive()
+    }
+}
+
+/// [`PageSource`] in a form that can be a trait object.
+trait DynSource: Send + Sync + 'static {
+    fn read_at_boxed<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]>;
+}
+
+impl<S: PageSource> DynSource for S {
+    fn read_at_boxed<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(PageSource::read_at(self, offset, buf))
+    }
+
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        PageSource::bytes_at(self, offset, len)
+    }
+}
+
+impl PageSource for BoxedSource {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at_boxed(offset, buf).await
+    }
+
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.0.bytes_at(offset, len)
+    }
+}
+
 impl<S: PageSource> PageSource for Arc<S> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> + Send {
         S::read_at(self, offset, buf)

@@ -27,7 +27,7 @@ pub(crate) fn report_failure(failure: &FaultFailure) {
         fault_addr = %format_args!("{:#x}", failure.fault_addr),
         addr = %format_args!("{:#x}", failure.addr),
         len = failure.len,
-        source = failure.source,
+        source = failure.source.index(),
         offset = %format_args!("{:#x}", failure.offset),
         action = ?failure.action,
         error = %crate::error::error_chain(&*failure.cause),

@@ -70,7 +70,8 @@ fn a_stopping_server_reads_a_pending_fork_so_the_forking_thread_returns() {
     rt.block_on(async {
         let async_uffd = AsyncUffd::new(uffd).unwrap();
         let mut handle = Server::new(async_uffd.clone(), handler.clone())
-            .regions([Region::new(mem.addr, 2 * page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + 2 * page)])
+            .unwrap()
             .concurrency(1)
             .spawn();
         let h = handler.clone();

@@ -245,7 +245,8 @@ fn handler_failures_under_load_never_hang_a_thread() {
             inner: SourceHandler::new(MemorySource::new(image.clone())),
         };
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, len, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + len)])
+            .unwrap()
             .prefetch(4)
             .on_failure(FailurePolicy::Retry {
                 attempts: 5,

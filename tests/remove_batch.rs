@@ -117,7 +117,8 @@ fn a_fault_and_the_remove_of_its_page_in_one_batch_leave_zeros() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
-            .regions([Region::new(mem.addr, 4 * page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + 4 * page)])
+            .unwrap()
             .concurrency(1)
             .spawn();
         let h = handler.clone();
@@ -187,7 +188,7 @@ fn storm_round(prefetch: usize, seed: u64) -> Option<(u64, u64)> {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(pages * page))),
         )
-        .regions([Region::new(mem.addr, pages * page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + pages * page)]).unwrap()
         .prefetch(prefetch)
         .spawn();
         let base = mem.addr;

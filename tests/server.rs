@@ -16,17 +16,18 @@ use std::thread;
 
 use common::*;
 use tokio_uffd::{
-    AsyncUffd, FaultHandler, FaultRequest, Features, FileSource, HandlerError, MemorySource,
-    Region, RegisterMode, Resolution, Server, ServerExit, SourceHandler, Uffd, UffdBuilder,
+    AsyncUffd, BoxedSource, FaultHandler, FaultRequest, Features, FileSource, HandlerError,
+    MemorySource, Region, RegisterMode, Resolution, Server, ServerExit, SourceHandler, Uffd,
+    UffdBuilder, ZeroSource,
 };
 
 /// A server for the test image on `len` bytes at `addr` (one region of
 /// base pages).
 fn serve_image(uffd: Uffd, addr: usize, len: usize) -> tokio_uffd::ServerHandle {
-    let page = uffd.page_size();
     let source = SourceHandler::new(MemorySource::new(image(len)));
     Server::new(AsyncUffd::new(uffd).unwrap(), source)
-        .regions([Region::new(addr, len, page, 0)])
+        .regions([Region::new(addr..addr + len)])
+        .unwrap()
         .spawn()
 }
 
@@ -61,7 +62,8 @@ fn duplicate_faults_from_eight_threads_run_the_handler_once() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + page)])
+            .unwrap()
             .spawn();
         let addr = mem.addr;
         let barrier = Arc::new(std::sync::Barrier::new(8));
@@ -149,7 +151,8 @@ fn an_mremap_of_a_served_region_is_followed() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(len + 0x10000))),
         )
-        .regions([Region::new(mem.addr, len, page, 0x10000)])
+        .regions([Region::new(mem.addr..mem.addr + len).with_offset(0x10000)])
+        .unwrap()
         .spawn();
         let (from, to) = (mem.addr, target.addr);
         let got = tokio::task::spawn_blocking(move || {
@@ -244,7 +247,8 @@ fn child_failing_handler_entry() {
         inner: SourceHandler::new(MemorySource::new(image(2 * page))),
     };
     let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-        .regions([Region::new(mem.addr, 2 * page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + 2 * page)])
+        .unwrap()
         .spawn();
     // The good page is served; the server goes on after the failure.
     assert_eq!(read_at(mem.addr + 1), image_byte(1));
@@ -335,7 +339,8 @@ fn eagain_is_parked_and_resolved_once_the_pending_event_is_read() {
         .unwrap();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, 2 * page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + 2 * page)])
+            .unwrap()
             .spawn();
         let (value, madvise) = tokio::task::spawn_blocking(move || driver.join().unwrap())
             .await
@@ -362,7 +367,8 @@ fn prefetch_serves_a_window_with_one_fault() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(len))),
         )
-        .regions([Region::new(mem.addr, len, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + len)])
+        .unwrap()
         .prefetch(16)
         .spawn();
         let addr = mem.addr;
@@ -414,13 +420,14 @@ fn a_file_backed_region_table_restores_64_mib_under_random_access() {
     // SAFETY: fresh mapping served by the server below.
     unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
     let regions = [
-        Region::new(mem.addr, half, page, half as u64),
-        Region::new(mem.addr + half, half, page, 0),
+        Region::new(mem.addr..mem.addr + half).with_offset(half as u64),
+        Region::new(mem.addr + half..mem.addr + half + half),
     ];
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), SourceHandler::new(source))
             .regions(regions)
+            .unwrap()
             .prefetch(4)
             .spawn();
         let base = mem.addr;
@@ -499,7 +506,8 @@ fn graceful_stop_finishes_the_faults_in_flight() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + page)])
+            .unwrap()
             .spawn();
         let addr = mem.addr;
         let toucher = thread::spawn(move || read_at(addr + 9));
@@ -547,7 +555,8 @@ fn a_fault_from_the_servers_own_runtime_is_reported() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(page))),
         )
-        .regions([Region::new(mem.addr, page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + page)])
+        .unwrap()
         .guard_threads(workers)
         .spawn();
         let addr = mem.addr;
@@ -626,7 +635,8 @@ fn the_owning_process_exiting_ends_the_server_cleanly() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let mut handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(addr, page, page, 0)])
+            .regions([Region::new(addr..addr + page)])
+            .unwrap()
             .spawn();
         tokio::time::timeout(BOUND, entered.notified())
             .await
@@ -674,7 +684,8 @@ fn the_retry_policy_runs_a_failed_handler_again() {
             inner: SourceHandler::new(MemorySource::new(image(page))),
         };
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + page)])
+            .unwrap()
             .on_failure(tokio_uffd::FailurePolicy::Retry {
                 attempts: 3,
                 backoff: std::time::Duration::from_millis(1),
@@ -711,7 +722,8 @@ fn the_stop_policy_ends_the_server_with_the_error() {
         };
         let uffd = AsyncUffd::new(uffd).unwrap();
         let mut handle = Server::new(uffd.clone(), handler)
-            .regions([Region::new(mem.addr, page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + page)])
+            .unwrap()
             .on_failure(tokio_uffd::FailurePolicy::Stop)
             .spawn();
         let addr = mem.addr;
@@ -775,7 +787,6 @@ fn duplicate_faults_outside_every_region_run_the_handler_once() {
     let Some((uffd, mem)) = registered_anon(1, Features::empty()) else {
         return;
     };
-    let page = uffd.page_size();
     let calls = Arc::new(AtomicUsize::new(0));
     /// The test image, at offset = address.
     struct ImageAtAddress;
@@ -863,6 +874,84 @@ fn removed_pages_outside_every_region_read_zero() {
     });
 }
 
+/// One handler serves regions from sources of different kinds (memory,
+/// zeros, a file), each region naming its source by the id `add` returned.
+#[test]
+fn regions_are_served_from_sources_of_different_kinds() {
+    let Some((uffd, mem)) = registered_anon(3, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let path = std::env::temp_dir().join(format!("tokio-uffd-mixed-{}", std::process::id()));
+    std::fs::write(&path, image(2 * page)).unwrap();
+    let file = FileSource::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let mut handler = SourceHandler::empty();
+    let from_memory = handler.add(BoxedSource::new(MemorySource::new(image(page))));
+    let zeros = handler.add(BoxedSource::new(ZeroSource));
+    let from_file = handler.add(BoxedSource::new(file));
+    let base = mem.addr;
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+            .regions([
+                Region::new(base..base + page).with_source(from_memory),
+                Region::new(base + page..base + 2 * page).with_source(zeros),
+                Region::new(base + 2 * page..base + 3 * page)
+                    .with_source(from_file)
+                    .with_offset(page as u64),
+            ])
+            .unwrap()
+            .spawn();
+        let got = tokio::task::spawn_blocking(move || {
+            (0..3)
+                .map(|p| read_at(base + p * page + 9))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, vec![image_byte(9), 0, image_byte(page + 9)]);
+        assert_eq!(final_stats(handle).await.pages_served, 3);
+    });
+}
+
+/// A region table the server cannot serve is refused when the server is
+/// built, with an error naming the region (never a panic in its task).
+#[test]
+fn a_bad_region_table_is_an_error_when_the_server_is_built() {
+    let Some((uffd, mem)) = registered_anon(4, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let rt = multi_thread_rt();
+    let _guard = rt.enter();
+    let uffd = AsyncUffd::new(uffd).unwrap();
+    let base = mem.addr;
+    let server = || Server::new(uffd.clone(), SourceHandler::new(ZeroSource));
+    let bad = [
+        Region::new(base..base + page).with_page_size(0),
+        Region::new(base..base + 4 * page).with_page_size(3 * page),
+        Region::new(base + 1..base + page + 1),
+        Region::new(base..base),
+    ];
+    for region in bad {
+        let err = server().regions([region]).unwrap_err();
+        assert_eq!(err.kind(), tokio_uffd::ErrorKind::InvalidInput, "{err}");
+        let start = format!("{:#x}", region.start());
+        assert!(
+            err.to_string()
+                .starts_with(&format!("invalid region {start}")),
+            "{err}"
+        );
+    }
+    let err = server()
+        .regions([Region::new(base..base + 2 * page)])
+        .unwrap()
+        .regions([Region::new(base + page..base + 3 * page)])
+        .unwrap_err();
+    assert!(err.to_string().contains("overlaps"), "{err}");
+}
+
 #[test]
 fn an_unmapped_range_is_forgotten() {
     let Some((uffd, mem)) = registered_anon(4, Features::EVENT_UNMAP) else {
@@ -909,7 +998,8 @@ fn hugetlb_regions_are_served_with_their_page_size_and_zeroed_after_remove() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(2 * huge))),
         )
-        .regions([Region::new(mem.addr, 2 * huge, huge, 0)])
+        .regions([Region::new(mem.addr..mem.addr + 2 * huge).with_page_size(huge)])
+        .unwrap()
         .spawn();
         let addr = mem.addr;
         let got = tokio::task::spawn_blocking(move || {
@@ -957,7 +1047,8 @@ fn shmem_minor_faults_are_continued_by_the_server() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(tokio_uffd::ZeroSource),
         )
-        .regions([Region::new(area.addr, len, page, 0)])
+        .regions([Region::new(area.addr..area.addr + len)])
+        .unwrap()
         .spawn();
         let addr = area.addr;
         let got = tokio::task::spawn_blocking(move || {
@@ -1053,7 +1144,8 @@ fn a_job_mixing_direct_and_handler_runs(fault_run_direct: bool) {
             calls: calls.clone(),
         };
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(base, len, page, 0)])
+            .regions([Region::new(base..base + len)])
+            .unwrap()
             .prefetch(4)
             .spawn();
         let bytes = tokio::task::spawn_blocking(move || {

@@ -152,7 +152,8 @@ fn remove_during_an_inflight_fault_leaves_zeros_not_the_stale_image() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + page)])
+            .unwrap()
             .spawn();
         let addr = mem.addr;
         let (faulting, later) = tokio::task::spawn_blocking(move || {
@@ -203,7 +204,8 @@ fn a_prefetch_whose_later_run_was_unmapped_still_wakes_the_faulting_thread() {
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, 8 * page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + 8 * page)])
+            .unwrap()
             .prefetch(8)
             .spawn();
         let addr = mem.addr;
@@ -257,7 +259,8 @@ fn child_stop_with_a_pending_remove() {
     let rt = current_thread_rt();
     let _guard = rt.enter();
     let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-        .regions([Region::new(mem.addr, 2 * page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + 2 * page)])
+        .unwrap()
         // Short, so that a fault the stopping server never retries is
         // poisoned (SIGBUS) well within the child's bound.
         .retry_timeout(Duration::from_secs(2))
@@ -339,7 +342,8 @@ fn a_copy_parked_on_eagain_behind_the_remove_of_its_page_leaves_zeros() {
     let rt = current_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr, 2 * page, page, 0)])
+            .regions([Region::new(mem.addr..mem.addr + 2 * page)])
+            .unwrap()
             .spawn();
         let addr = mem.addr;
         let (faulting, later) = tokio::task::spawn_blocking(move || {
@@ -437,7 +441,8 @@ fn child_failure_with_a_pending_remove() {
     let rt = current_thread_rt();
     let _guard = rt.enter();
     let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-        .regions([Region::new(mem.addr, 3 * page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + 3 * page)])
+        .unwrap()
         .spawn();
     let stats = handle.stats_ref();
     let addr = mem.addr;
@@ -533,7 +538,8 @@ fn without_event_remove_a_served_page_freed_by_madv_dontneed_reads_zero() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(page))),
         )
-        .regions([Region::new(mem.addr, page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + page)])
+        .unwrap()
         .spawn();
         let addr = mem.addr;
         let (before, after) = tokio::task::spawn_blocking(move || {
@@ -573,7 +579,8 @@ fn a_shmem_page_freed_by_punching_a_hole_reads_zero() {
             AsyncUffd::new(uffd).unwrap(),
             SourceHandler::new(MemorySource::new(image(page))),
         )
-        .regions([Region::new(mem.addr, page, page, 0)])
+        .regions([Region::new(mem.addr..mem.addr + page)])
+        .unwrap()
         .spawn();
         let addr = mem.addr;
         let raw = fd.as_raw_fd();

@@ -103,7 +103,8 @@ fn bouncing_an_area_through_the_server_keeps_every_count_and_byte() {
                 len,
             };
             let handle = Server::new(AsyncUffd::new(uffd).unwrap(), SourceHandler::new(source))
-                .regions([Region::new(dst.addr, len, page, 0)])
+                .regions([Region::new(dst.addr..dst.addr + len)])
+                .unwrap()
                 .prefetch(1 + bounce % 4)
                 .spawn();
             let base = dst.addr;

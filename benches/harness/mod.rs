@@ -861,7 +861,8 @@ pub fn fault_around(side: Side, window: usize, mib: usize) -> Duration {
             let source = MemorySource::new(img.clone());
             let guard = ServerThread::start(uffd, Runtime::Current, Some(0), move |u| {
                 Server::new(u, SourceHandler::new(source))
-                    .regions([Region::new(base, len, page, 0)])
+                    .regions([Region::new(base..base + len)])
+                    .unwrap()
                     .prefetch(window)
                     .spawn()
             });
