@@ -4,7 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +24,7 @@ use crate::handler::{FaultHandler, FaultRequest, Resolution};
 use crate::layout::{Layout, LoosePages, PageHash, Region, SourceId};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::trace;
+use crate::watchdog::{StallBoard, Watchdog};
 
 /// What the server does when a handler fails (returns an error or panics)
 /// or a resolution cannot be applied.
@@ -134,6 +135,8 @@ pub struct Server<H> {
     retry_timeout: Duration,
     guard_threads: HashSet<u32>,
     batch: usize,
+    stall_threshold: Option<Duration>,
+    child_probe: Duration,
     stats: Arc<Stats>,
 }
 
@@ -154,6 +157,10 @@ impl<H> fmt::Debug for Server<H> {
 const MAX_WINDOW_BYTES: usize = 4 << 20;
 /// The most separate runs of pages one window is split into.
 const MAX_RUNS: usize = 8;
+/// The default of [`Server::stall_watchdog`].
+const DEFAULT_STALL: Duration = Duration::from_secs(10);
+/// The default of [`Server::child_probe_interval`].
+const DEFAULT_CHILD_PROBE: Duration = Duration::from_secs(1);
 /// How many reads a stopping server with `EVENT_FORK` makes to drain the
 /// queue, so that no fork is left waiting for its event to be read.
 const STOP_DRAIN_READS: u32 = 64;
@@ -175,6 +182,8 @@ impl<H: FaultHandler> Server<H> {
             retry_timeout: Duration::from_secs(10),
             guard_threads: HashSet::new(),
             batch: crate::event::DEFAULT_BATCH,
+            stall_threshold: Some(DEFAULT_STALL),
+            child_probe: DEFAULT_CHILD_PROBE,
             stats: Arc::new(Stats::new()),
         }
     }
@@ -237,6 +246,36 @@ impl<H: FaultHandler> Server<H> {
         self
     }
 
+    /// Reports a fault that has waited longer than `threshold` (default
+    /// 10 s), or turns the report off with `None`.
+    ///
+    /// A thread of its own (not a task: it works when the runtime cannot
+    /// run, for instance when the runtime's own thread touched registered
+    /// memory and sleeps in the kernel) checks four times per threshold:
+    /// faults queued but not read (from the userfaultfd's
+    /// `/proc/self/fdinfo` entry; their address is unknown, the threads of
+    /// this process asleep in `handle_userfault` are named), and faults
+    /// read but not resolved (address and thread). Each is reported once,
+    /// as a `WARN` event and in [`Stats`](crate::Stats) (`stalls`,
+    /// [`last_stall`](crate::Stats::last_stall)). It watches the server's own
+    /// userfaultfd, not those of forked children.
+    pub fn stall_watchdog(mut self, threshold: Option<Duration>) -> Self {
+        self.stall_threshold = threshold.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// How often the server of a forked child checks whether the child
+    /// still exists (default 1 s), with
+    /// [`Uffd::owner_exited`](crate::Uffd::owner_exited): one system call.
+    /// A child that exits without faulting again is released (its
+    /// userfaultfd closed, its task ended) at the next check, so a server
+    /// of a process that forks many short-lived children keeps one fd and
+    /// one task per *live* child.
+    pub fn child_probe_interval(mut self, every: Duration) -> Self {
+        self.child_probe = every.max(Duration::from_millis(1));
+        self
+    }
+
     /// Messages read per `read(2)`.
     pub fn batch(mut self, messages: usize) -> Self {
         self.batch = messages.max(1);
@@ -265,7 +304,8 @@ impl<H: FaultHandler> Server<H> {
         // However `run` ends (returned, failed, or its future dropped), the
         // servers of forked children stop with it.
         let _stop_children = StopOnDrop(stop.clone());
-        let server = self.run_until(stop.clone());
+        let watch = self.start_watchdog();
+        let server = self.run_until(stop.clone(), watch);
         tokio::pin!(server);
         tokio::select! {
             r = &mut server => return r,
@@ -285,7 +325,10 @@ impl<H: FaultHandler> Server<H> {
         let stop = Arc::new(StopSignal::default());
         let stats = self.stats.clone();
         let uffd = self.uffd.clone();
-        let task = tokio::spawn(self.run_until(stop.clone()));
+        // Started here, not in the task: it watches even if the task never
+        // gets to run.
+        let watch = self.start_watchdog();
+        let task = tokio::spawn(self.run_until(stop.clone(), watch));
         ServerHandle {
             stop,
             stats,
@@ -294,7 +337,28 @@ impl<H: FaultHandler> Server<H> {
         }
     }
 
-    async fn run_until(self, stop: Arc<StopSignal>) -> Result<ServerExit> {
+    /// The stall board and the watchdog thread reading it, if asked for.
+    fn start_watchdog(&self) -> Result<Option<(Arc<StallBoard>, Watchdog)>> {
+        let Some(threshold) = self.stall_threshold else {
+            return Ok(None);
+        };
+        let board = Arc::new(StallBoard::new());
+        let fd = self.uffd.uffd().as_fd();
+        let dog = Watchdog::start(fd, threshold, board.clone(), self.stats.clone()).map_err(
+            |source| Error::Os {
+                what: "starting the stall watchdog thread",
+                source,
+            },
+        )?;
+        Ok(Some((board, dog)))
+    }
+
+    async fn run_until(
+        self,
+        stop: Arc<StopSignal>,
+        watch: Result<Option<(Arc<StallBoard>, Watchdog)>>,
+    ) -> Result<ServerExit> {
+        let watch = watch?;
         let page_size = self.uffd.page_size();
         let tracks_removal = self.uffd.features().contains(Features::EVENT_REMOVE);
         let stream = self.uffd.event_stream_with_batch(self.batch)?;
@@ -309,10 +373,18 @@ impl<H: FaultHandler> Server<H> {
             prefetch: self.prefetch,
             concurrency: self.concurrency,
             batch: self.batch,
+            child_probe: self.child_probe,
             gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
         });
         let span = trace::server_span(shared.uffd.uffd().as_raw_fd(), self.regions.len(), false);
-        let reader = Reader::new(shared, Layout::new(self.regions), self.guard_threads, stop);
+        let mut reader = Reader::new(
+            shared,
+            Layout::new(self.regions),
+            self.guard_threads,
+            stop,
+            None,
+        );
+        reader.watch = watch;
         trace::in_span(span, reader.run(stream)).await
     }
 }
@@ -598,6 +670,7 @@ struct Shared<H> {
     prefetch: usize,
     concurrency: usize,
     batch: usize,
+    child_probe: Duration,
     /// With `EVENT_REMOVE`: the server is told about freed pages, and
     /// resolutions must not race with them.
     gate: Option<Arc<RemovalGate>>,
@@ -619,6 +692,7 @@ impl<H> Shared<H> {
             prefetch: self.prefetch,
             concurrency: self.concurrency,
             batch: self.batch,
+            child_probe: self.child_probe,
             gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
         }
     }
@@ -666,6 +740,8 @@ struct Job {
     generation: u64,
     /// Bytes found already there (`EEXIST`): not served by this job.
     existed: usize,
+    /// Its entry on the stall board while it waits in a task or parked.
+    watch: Option<u64>,
 }
 
 impl Job {
@@ -1062,6 +1138,11 @@ struct Reader<H> {
     stopping: bool,
     /// Whether the uffd reports forks (`EVENT_FORK`).
     forks: bool,
+    /// The stall board and its watchdog (the top-level server's only).
+    watch: Option<(Arc<StallBoard>, Watchdog)>,
+    /// For a forked child's server: how often to check that the child
+    /// still exists.
+    child_probe: Option<Duration>,
     /// The servers of forked children: awaited when this one stops (they
     /// stop with it), left running (detached) when it ends otherwise.
     children: Vec<tokio::task::JoinHandle<()>>,
@@ -1073,6 +1154,7 @@ impl<H: FaultHandler> Reader<H> {
         layout: Layout,
         tids: impl IntoIterator<Item = u32>,
         stop: Arc<StopSignal>,
+        child_probe: Option<Duration>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(shared.concurrency));
@@ -1091,6 +1173,8 @@ impl<H: FaultHandler> Reader<H> {
             tids: tids.into_iter().collect(),
             last_tid: 0,
             forks,
+            watch: None,
+            child_probe,
             stop,
             stopping: false,
             children: Vec::new(),
@@ -1127,6 +1211,11 @@ impl<H: FaultHandler> Reader<H> {
         let mut stop = StopWait::new(self.stop.clone());
         // Reads left to drain the queue once stopped (see below).
         let mut drains = STOP_DRAIN_READS;
+        let mut probe = self.child_probe.map(|every| {
+            let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            probe
+        });
         loop {
             // Seen here too, not only when the select below polls it: once
             // asked to stop, the server reads no new event (but to finish
@@ -1166,6 +1255,7 @@ impl<H: FaultHandler> Reader<H> {
                 Some(done) = self.rx.recv(), if self.inflight > 0 => self.finish(done).await,
                 event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
                 _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
+                _ = tick(&mut probe), if probe.is_some() => self.probe_owner(&mut probe),
                 () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if !self.stopping => {
                     self.begin_stopping();
                     Ok(None)
@@ -1174,6 +1264,46 @@ impl<H: FaultHandler> Reader<H> {
             if let Some(exit) = step? {
                 return Ok(exit);
             }
+        }
+    }
+
+    /// A forked child's server ends once the child is gone, even if it
+    /// never faults again.
+    fn probe_owner(
+        &mut self,
+        probe: &mut Option<tokio::time::Interval>,
+    ) -> Result<Option<ServerExit>> {
+        match self.shared.uffd.owner_exited() {
+            Ok(true) => {
+                trace::event!(debug, "the forked child exited: releasing its userfaultfd");
+                Ok(Some(ServerExit::ProcessExited))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => {
+                trace::event!(
+                    warn,
+                    error = %crate::error::error_chain(&e),
+                    "cannot probe whether the forked child exists; it is released when a \
+                     resolution finds it gone, or when the server stops"
+                );
+                let _ = e;
+                *probe = None;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Puts `job` on the stall board, if there is one and it is not on yet.
+    fn watch(&self, job: &mut Job) {
+        if let (None, Some((board, _))) = (job.watch, &self.watch) {
+            job.watch = Some(board.begin(job.fault.address, job.fault.thread_id));
+        }
+    }
+
+    /// Takes `job` off the stall board.
+    fn unwatch(&self, job: &mut Job) {
+        if let (Some(token), Some((board, _))) = (job.watch.take(), &self.watch) {
+            board.end(token);
         }
     }
 
@@ -1204,6 +1334,9 @@ impl<H: FaultHandler> Reader<H> {
         event: Result<Event>,
         stream: &mut EventStream,
     ) -> Result<Option<ServerExit>> {
+        if let Some((board, _)) = &self.watch {
+            board.note_read();
+        }
         let mut next = Some(event?);
         loop {
             // The whole batch: events applied in order, faults kept.
@@ -1311,7 +1444,8 @@ impl<H: FaultHandler> Reader<H> {
         let span = trace::server_span(uffd.uffd().as_raw_fd(), layout.regions.len(), true);
         let shared = Arc::new(self.shared.for_child(uffd.clone()));
         let stream = uffd.event_stream_with_batch(self.shared.batch)?;
-        let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone());
+        let probe = Some(shared.child_probe);
+        let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone(), probe);
         let stats = self.shared.stats.clone();
         self.children.retain(|c| !c.is_finished());
         self.children
@@ -1370,6 +1504,7 @@ impl<H: FaultHandler> Reader<H> {
             return self.finish(Done { job, outcome }).await;
         }
         let shared = self.shared.clone();
+        let (addr, thread) = (job.fault.address, job.fault.thread_id);
         let mut work = Box::pin(async move {
             let outcome = execute(&shared, &mut job).await;
             Done { job, outcome }
@@ -1378,6 +1513,10 @@ impl<H: FaultHandler> Reader<H> {
         if let Poll::Ready(done) = first {
             return self.finish(done).await;
         }
+        let watch = self
+            .watch
+            .as_ref()
+            .map(|(board, _)| board.begin(addr, thread));
         let permit = self
             .permits
             .clone()
@@ -1388,6 +1527,7 @@ impl<H: FaultHandler> Reader<H> {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut done = work.await;
+            done.job.watch = watch;
             done.job.counted = true;
             drop(permit);
             let _ = tx.send(done);
@@ -1559,6 +1699,19 @@ impl<H: FaultHandler> Reader<H> {
             job.counted = false;
             self.inflight -= 1;
         }
+        let retrying = match &outcome {
+            Outcome::Park => true,
+            Outcome::Failed { .. } => matches!(
+                self.shared.failure,
+                FailurePolicy::Retry { attempts, .. } if job.attempt < attempts && !job.zero_fill
+            ),
+            _ => false,
+        };
+        if retrying {
+            self.watch(&mut job);
+        } else {
+            self.unwatch(&mut job);
+        }
         match outcome {
             Outcome::Resolved => {
                 // Counted where it was applied.
@@ -1579,6 +1732,11 @@ impl<H: FaultHandler> Reader<H> {
             Outcome::Replan => {
                 // Plan the fault again: the freed pages are zeros now.
                 self.settle(&job, false);
+                // Faults on the job's pages were taken for duplicates of it;
+                // the new plan may not cover them all (a freed page at the
+                // window's edge): wake them to fault again.
+                let (lo, hi) = job.span();
+                let _ = self.shared.uffd.wake(lo, hi - lo);
                 let (fault, read_at) = (job.fault, job.read_at);
                 self.recycle(job);
                 if let Some(job) = self.plan(fault, read_at) {
@@ -1689,6 +1847,7 @@ impl<H: FaultHandler> Reader<H> {
                 job.zero_fill = true; // no handler, no gate check
                 job.deadline = Some(Instant::now() + self.shared.retry_timeout);
                 self.mark_inflight(&job);
+                self.watch(&mut job);
                 self.parked.push(job);
                 Ok(None)
             }
@@ -1749,6 +1908,7 @@ impl<H: FaultHandler> Reader<H> {
                         Arc::new(ServeError::KeptChanging(self.shared.retry_timeout));
                     if job.runs[0].resolution == Some(Resolution::Poison) {
                         // Even poisoning cannot get through: give up on it.
+                        self.unwatch(&mut job);
                         self.settle(&job, false);
                         let failure = failure(&job, 0, cause, FailureAction::Dropped);
                         trace::report_failure(&failure);
@@ -1756,6 +1916,7 @@ impl<H: FaultHandler> Reader<H> {
                         continue;
                     }
                     Stats::add(&self.shared.stats.handler_failures, 1);
+                    self.unwatch(&mut job);
                     if let Some(exit) = self.fail(job, 0, cause)? {
                         return Ok(Some(exit));
                     }
@@ -1806,6 +1967,7 @@ fn new_job(
         counted: false,
         generation,
         existed: 0,
+        watch: None,
     };
     match spare.pop() {
         Some(mut job) => {
@@ -1814,6 +1976,16 @@ fn new_job(
             job
         }
         None => Box::new(fresh(Vec::new())),
+    }
+}
+
+/// The next tick of `probe`; never without one.
+async fn tick(probe: &mut Option<tokio::time::Interval>) {
+    match probe {
+        Some(probe) => {
+            probe.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

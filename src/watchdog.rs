@@ -25,7 +25,6 @@
 //! [`Stats::last_stall`]: crate::Stats::last_stall
 
 // The server starts the watchdog; until it does, only the tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -22,6 +22,68 @@ use tokio_uffd::{
     Region, Resolution, Server, SourceHandler,
 };
 
+/// A fault on a page of a fault-around window in flight is a duplicate:
+/// the window's resolution wakes it. When that page is freed meanwhile, the
+/// window is planned again without it (it reads zero now); the duplicate
+/// must still be woken, to fault again and get its zeros, not left asleep.
+/// (Found by the storm below.)
+#[test]
+fn a_duplicate_on_a_prefetched_page_freed_meanwhile_is_woken() {
+    use std::os::fd::AsRawFd;
+    let Some((uffd, mem)) = registered_anon(4, Features::EVENT_REMOVE) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let raw = uffd.as_raw_fd();
+    let base = mem.addr;
+    let handler = Arc::new(HeldPages {
+        image: MemorySource::new(image(4 * page)),
+        // Every run is fetched by `fault`, held until opened.
+        slow: (0..4).map(|p| base + p * page).collect(),
+        open: tokio::sync::Semaphore::new(0),
+        calls: AtomicUsize::new(0),
+    });
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
+            .regions([Region::new(base..base + 4 * page)])
+            .unwrap()
+            .prefetch(4)
+            .spawn();
+        let h = handler.clone();
+        let (first, dup) = tokio::task::spawn_blocking(move || {
+            // The window 0..4 is in flight, its fetch held.
+            let first = start_read(base + 1);
+            wait_until("the window's fetch started", || {
+                h.calls.load(Ordering::SeqCst) >= 1
+            });
+            // Page 3, the window's last, freed: its Remove is read at once
+            // (the fetch waits in a task of its own); the window planned
+            // again ends before it.
+            run_bounded("MADV_DONTNEED of page 3", move || {
+                dontneed(base + 3 * page, page)
+            });
+            // A fault on page 3, still marked in flight: a duplicate.
+            let dup = start_read(base + 3 * page + 5);
+            wait_until("both faults read", || {
+                pending_faults(raw) == 0 && fdinfo_count(raw, "total") == 2
+            });
+            h.open.add_permits(8);
+            (first.recv_timeout(BOUND).ok(), dup.recv_timeout(BOUND).ok())
+        })
+        .await
+        .unwrap();
+        assert_eq!(first, Some(image_byte(1)), "the faulting thread");
+        assert_eq!(
+            dup,
+            Some(0),
+            "the duplicate on the freed page (None: left asleep)"
+        );
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.removes, 1, "{stats:?}");
+    });
+}
+
 /// How long each storm runs (`TOKIO_UFFD_STORM_SECS` to soak longer).
 fn storm_time() -> Duration {
     let secs = std::env::var("TOKIO_UFFD_STORM_SECS")
@@ -75,13 +137,18 @@ impl FaultHandler for HeldPages {
     }
 }
 
-/// The `pending:` count of `/proc/self/fdinfo/<fd>`: faults queued, unread.
-fn pending_faults(fd: i32) -> usize {
+/// A count of `/proc/self/fdinfo/<fd>`: `pending` (faults queued, unread)
+/// or `total` (those and the faults read whose threads still sleep).
+fn fdinfo_count(fd: i32, what: &str) -> usize {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("pending:"))
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
-        .expect("pending: in the userfaultfd's fdinfo")
+        .unwrap_or_else(|| panic!("{what}: in the userfaultfd's fdinfo"))
+}
+
+fn pending_faults(fd: i32) -> usize {
+    fdinfo_count(fd, "pending")
 }
 
 /// What thread `tid` of this process sleeps in (`/proc/.../wchan`).
