@@ -14,7 +14,7 @@ use tokio::io::Interest;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBuffer, DEFAULT_BATCH};
-use crate::server::RemovalGate;
+use crate::gate::RemovalGate;
 use crate::uffd::{ReadError, Uffd};
 
 /// A [`Uffd`] registered with Tokio's reactor.

@@ -265,7 +265,7 @@ pub enum Error {
     )]
     InvalidRegion {
         /// The region.
-        region: crate::layout::Region,
+        region: crate::region::Region,
         /// What is wrong with it, and what to do.
         problem: String,
     },
@@ -322,7 +322,7 @@ pub struct FaultFailure {
     /// Bytes in that run.
     pub len: usize,
     /// The page source of the region (the first outside every region).
-    pub source: crate::layout::SourceId,
+    pub source: crate::region::SourceId,
     /// The offset of `addr` in that source; outside every region, `addr`.
     pub offset: u64,
     /// What the server did about it.

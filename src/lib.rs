@@ -128,15 +128,16 @@ mod asyncfd;
 mod error;
 mod event;
 mod flags;
+mod gate;
 mod handler;
 mod layout;
+mod region;
 mod server;
 mod source;
 mod stats;
 pub mod sys;
 mod trace;
 mod uffd;
-mod watchdog;
 
 pub use asyncfd::{AsyncUffd, EventStream};
 pub use error::{error_chain, Error, ErrorKind, FailureAction, FaultFailure, Op, Result};
@@ -149,7 +150,7 @@ pub use flags::{
     RegisterMode, UnprotectFlags, ZeropageFlags,
 };
 pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHandler};
-pub use layout::{Region, SourceId};
+pub use region::{Region, SourceId};
 pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
 pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
 pub use stats::{Latency, Stall, Stats, StatsSnapshot};

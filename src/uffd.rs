@@ -5,7 +5,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::error::{Error, Op, Result};
-use crate::event::EventBuffer;
 use crate::flags::{
     ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PoisonFlags, RegisterMode,
     UnprotectFlags, ZeropageFlags,
@@ -822,31 +821,6 @@ impl Uffd {
                  call read_events, which waits by itself",
             ))),
         }
-    }
-
-    /// Reads as many queued messages as fit into the free space of `buf`
-    /// with one `read(2)`, and returns how many were read (at least one).
-    /// On a uffd made with [`UffdBuilder::blocking`] it waits for the first
-    /// message; on a non-blocking one (the default) it never waits.
-    ///
-    /// A `Fork` message's new userfaultfd is installed in this process's fd
-    /// table by this read; `buf` owns it until the event is taken.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::WouldBlock`](crate::ErrorKind::WouldBlock) when no
-    /// message is queued on a non-blocking uffd (never "zero messages");
-    /// [`Error::Read`] with an `Interrupted` source when a signal cut a
-    /// blocking wait short; [`Error::PartialMessage`] if the kernel returned
-    /// something that is not whole messages; [`Error::Read`] otherwise.
-    pub fn read_events(&self, buf: &mut EventBuffer) -> Result<usize> {
-        self.read_raw(buf).map_err(Error::from)
-    }
-
-    /// One `read(2)` into `buf`, with the OS error kept raw so the async
-    /// layer can see `WouldBlock`.
-    pub(crate) fn read_raw(&self, buf: &mut EventBuffer) -> Result<usize, ReadError> {
-        buf.fill_from(self)
     }
 }
 

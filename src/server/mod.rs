@@ -1,0 +1,368 @@
+//! The fault server: reads events, runs the handler in spawned tasks, and
+//! owns every kernel edge case around it.
+//!
+//! One file per part: [`Server`], its builder and entry points here; the
+//! handle ([`handle`]), stopping ([`stop`]), the reader's loop and events
+//! (`reader`), planning faults on the page map (`plan`), jobs (`job`),
+//! running and applying them (`resolve`), finishing them (`finish`), what
+//! tasks share (`shared`), the policies (`policy`) and the stall watchdog
+//! (`watchdog`).
+
+mod finish;
+mod handle;
+mod job;
+mod plan;
+mod policy;
+mod reader;
+mod resolve;
+mod shared;
+mod stop;
+mod watchdog;
+
+pub use handle::ServerHandle;
+pub use policy::{FailurePolicy, ForkPolicy, ServerExit};
+
+use reader::Reader;
+use shared::Shared;
+use std::collections::HashSet;
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::time::Duration;
+use stop::StopOnDrop;
+use stop::StopSignal;
+
+use crate::asyncfd::AsyncUffd;
+use crate::error::{Error, Result};
+use crate::flags::Features;
+use crate::gate::RemovalGate;
+use crate::handler::FaultHandler;
+use crate::layout::{Layout, Region};
+use crate::stats::Stats;
+use crate::trace;
+use watchdog::{StallBoard, Watchdog};
+
+/// Serves the faults of one userfaultfd with a [`FaultHandler`].
+///
+/// The server reads the event stream in one task and resolves each fault in
+/// a task of its own (up to a concurrency limit), so a slow handler delays
+/// only its own fault. It owns the kernel edge cases:
+///
+/// - faults on one page from many threads run the handler once; all wake;
+/// - `EEXIST` wakes the range; `EAGAIN` parks the resolution while the
+///   queue is drained (the event that causes it may be unread), then
+///   retries, up to [`retry_timeout`](Self::retry_timeout), then applies the
+///   failure policy; `ENOENT` (range gone) drops the fault; `ESRCH` ends the
+///   server with [`ServerExit::ProcessExited`];
+/// - [`Event::Remove`](crate::Event::Remove): later faults there get zeros, never the stale image
+///   (the range stays registered, so it stays served and counted;
+///   hugetlbfs, which has no zeropage, gets a zeroed copy);
+///   [`Event::Unmap`](crate::Event::Unmap) forgets the range; [`Event::Remap`](crate::Event::Remap) moves the region;
+///   [`Event::Fork`](crate::Event::Fork) serves the child too (see [`ForkPolicy`]);
+/// - hugetlbfs and shmem regions use their own page size, minor faults are
+///   continued, write-protect faults unprotected (by [`SourceHandler`]);
+/// - fault-around: [`prefetch`](Self::prefetch) resolves an aligned window
+///   of pages with each fault, skipping pages already served or in flight;
+/// - failures follow the [`FailurePolicy`];
+/// - with `THREAD_ID`, a fault raised by a thread of the server's own
+///   runtime is reported in [`Stats`] (and still served when another worker
+///   can: on a current-thread runtime nothing can, the runtime's only thread
+///   is the one asleep, so never touch registered memory from it).
+///
+/// Hugetlbfs memory needs a [`Region`] with its huge page size: outside
+/// every region faults are served with the base page size.
+///
+/// [`Stats`]: crate::Stats
+///
+/// [`SourceHandler`]: crate::SourceHandler
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn f(uffd: tokio_uffd::AsyncUffd, base: usize, len: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// use tokio_uffd::{FileSource, Region, Server, SourceHandler};
+///
+/// let handle = Server::new(uffd, SourceHandler::new(FileSource::open("mem.snap")?))
+///     .regions([Region::new(base..base + len)])?
+///     .prefetch(16)
+///     .spawn();
+/// // ... the program runs and faults ...
+/// println!("{:?}", handle.stats());
+/// handle.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct Server<H> {
+    uffd: AsyncUffd,
+    handler: Arc<H>,
+    regions: Vec<Region>,
+    prefetch: usize,
+    concurrency: usize,
+    failure: FailurePolicy,
+    fork: ForkPolicy,
+    retry_timeout: Duration,
+    guard_threads: HashSet<u32>,
+    batch: usize,
+    stall_threshold: Option<Duration>,
+    child_probe: Duration,
+    stats: Arc<Stats>,
+}
+
+impl<H> fmt::Debug for Server<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("uffd", &self.uffd)
+            .field("regions", &self.regions)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .field("failure", &self.failure)
+            .field("fork", &self.fork)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most bytes one fault-around window may cover.
+const MAX_WINDOW_BYTES: usize = 4 << 20;
+/// The most separate runs of pages one window is split into.
+const MAX_RUNS: usize = 8;
+/// The default of [`Server::stall_watchdog`].
+const DEFAULT_STALL: Duration = Duration::from_secs(10);
+/// The default of [`Server::child_probe_interval`].
+const DEFAULT_CHILD_PROBE: Duration = Duration::from_secs(1);
+/// How many reads a stopping server with `EVENT_FORK` makes to drain the
+/// queue, so that no fork is left waiting for its event to be read.
+const STOP_DRAIN_READS: u32 = 64;
+
+impl<H: FaultHandler> Server<H> {
+    /// A server for `uffd` with `handler`, no regions (faults anywhere are
+    /// served page by page with the base page size), no prefetch, 64 faults
+    /// in flight at most, [`FailurePolicy::Poison`] and
+    /// [`ForkPolicy::Serve`].
+    pub fn new(uffd: AsyncUffd, handler: H) -> Self {
+        Self {
+            uffd,
+            handler: Arc::new(handler),
+            regions: Vec::new(),
+            prefetch: 1,
+            concurrency: 64,
+            failure: FailurePolicy::Poison,
+            fork: ForkPolicy::Serve,
+            retry_timeout: Duration::from_secs(10),
+            guard_threads: HashSet::new(),
+            batch: crate::event::DEFAULT_BATCH,
+            stall_threshold: Some(DEFAULT_STALL),
+            child_probe: DEFAULT_CHILD_PROBE,
+            stats: Arc::new(Stats::new()),
+        }
+    }
+
+    /// Adds regions: where the memory is, its page size and where its
+    /// contents come from. Faults outside every region are still served,
+    /// page by page, with the base page size and `offset = address`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRegion`] naming the region and what is wrong with
+    /// it: a page size that is not a power of two at least the base page
+    /// size, a start or length not aligned to it, an empty range, a range
+    /// past the end of the address space or of 64-bit source offsets, or
+    /// two regions (given now or before) that overlap.
+    pub fn regions(mut self, regions: impl IntoIterator<Item = Region>) -> Result<Self> {
+        let all = self.regions.iter().copied().chain(regions);
+        self.regions = crate::layout::checked_regions(all, self.uffd.page_size())?;
+        Ok(self)
+    }
+
+    /// Resolves an aligned window of `pages` pages (clipped to the region,
+    /// and to 4 MiB) with each fault; 1 (the default) turns fault-around off.
+    pub fn prefetch(mut self, pages: usize) -> Self {
+        self.prefetch = pages.max(1);
+        self
+    }
+
+    /// The most faults resolved at once (at least 1).
+    pub fn concurrency(mut self, tasks: usize) -> Self {
+        self.concurrency = tasks.max(1);
+        self
+    }
+
+    /// What to do when a handler fails; see [`FailurePolicy`].
+    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
+        self.failure = policy;
+        self
+    }
+
+    /// What to do with a forked child; see [`ForkPolicy`].
+    pub fn on_fork(mut self, policy: ForkPolicy) -> Self {
+        self.fork = policy;
+        self
+    }
+
+    /// How long a resolution may keep failing with `EAGAIN` before the
+    /// failure policy applies (default 10 s).
+    pub fn retry_timeout(mut self, timeout: Duration) -> Self {
+        self.retry_timeout = timeout;
+        self
+    }
+
+    /// Thread ids (see [`thread_id`](crate::thread_id)) whose faults would
+    /// deadlock the server, typically the workers of its runtime collected
+    /// with `on_thread_start`. The server also learns the threads it runs
+    /// on by itself. Needs `THREAD_ID`.
+    pub fn guard_threads(mut self, tids: impl IntoIterator<Item = u32>) -> Self {
+        self.guard_threads.extend(tids);
+        self
+    }
+
+    /// Reports a fault that has waited longer than `threshold` (default
+    /// 10 s), or turns the report off with `None`.
+    ///
+    /// A thread of its own (not a task: it works when the runtime cannot
+    /// run, for instance when the runtime's own thread touched registered
+    /// memory and sleeps in the kernel) checks four times per threshold:
+    /// faults queued but not read (from the userfaultfd's
+    /// `/proc/self/fdinfo` entry; their address is unknown, the threads of
+    /// this process asleep in `handle_userfault` are named), and faults
+    /// read but not resolved (address and thread). Each is reported once,
+    /// as a `WARN` event and in [`Stats`](crate::Stats) (`stalls`,
+    /// [`last_stall`](crate::Stats::last_stall)). It watches the server's own
+    /// userfaultfd, not those of forked children.
+    pub fn stall_watchdog(mut self, threshold: Option<Duration>) -> Self {
+        self.stall_threshold = threshold.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// How often the server of a forked child checks whether the child
+    /// still exists (default 1 s), with
+    /// [`Uffd::owner_exited`](crate::Uffd::owner_exited): one system call.
+    /// A child that exits without faulting again is released (its
+    /// userfaultfd closed, its task ended) at the next check, so a server
+    /// of a process that forks many short-lived children keeps one fd and
+    /// one task per *live* child.
+    pub fn child_probe_interval(mut self, every: Duration) -> Self {
+        self.child_probe = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Messages read per `read(2)`.
+    pub fn batch(mut self, messages: usize) -> Self {
+        self.batch = messages.max(1);
+        self
+    }
+
+    /// The statistics this server will keep.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs the server on the caller's task until `shutdown` completes
+    /// (then it stops gracefully, as [`ServerHandle::stop`] describes) or
+    /// the owning process exits.
+    ///
+    /// # Errors
+    ///
+    /// An error reading the userfaultfd, or a handler failure under
+    /// [`FailurePolicy::Stop`] (or `Poison` without the kernel feature).
+    ///
+    /// # Panics
+    ///
+    /// Needs a Tokio runtime with I/O and time enabled.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<ServerExit> {
+        let stop = Arc::new(StopSignal::default());
+        // However `run` ends (returned, failed, or its future dropped), the
+        // servers of forked children stop with it.
+        let _stop_children = StopOnDrop(stop.clone());
+        let watch = self.start_watchdog();
+        let server = self.run_until(stop.clone(), watch);
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => return r,
+            () = shutdown => {}
+        }
+        stop.stop();
+        server.await
+    }
+
+    /// Spawns the server on the current runtime and returns a handle to
+    /// stop it and read its statistics.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn spawn(self) -> ServerHandle {
+        let stop = Arc::new(StopSignal::default());
+        let stats = self.stats.clone();
+        let uffd = self.uffd.clone();
+        // Started here, not in the task: it watches even if the task never
+        // gets to run.
+        let watch = self.start_watchdog();
+        let task = tokio::spawn(self.run_until(stop.clone(), watch));
+        ServerHandle {
+            stop,
+            stats,
+            uffd,
+            task: Some(task),
+        }
+    }
+
+    /// The stall board and the watchdog thread reading it, if asked for.
+    fn start_watchdog(&self) -> Result<Option<(Arc<StallBoard>, Watchdog)>> {
+        let Some(threshold) = self.stall_threshold else {
+            return Ok(None);
+        };
+        let board = Arc::new(StallBoard::new());
+        let fd = self.uffd.uffd().as_fd();
+        let dog = Watchdog::start(fd, threshold, board.clone(), self.stats.clone()).map_err(
+            |source| Error::Os {
+                what: "starting the stall watchdog thread",
+                source,
+            },
+        )?;
+        Ok(Some((board, dog)))
+    }
+
+    async fn run_until(
+        self,
+        stop: Arc<StopSignal>,
+        watch: Result<Option<(Arc<StallBoard>, Watchdog)>>,
+    ) -> Result<ServerExit> {
+        let watch = watch?;
+        let page_size = self.uffd.page_size();
+        let tracks_removal = self.uffd.features().contains(Features::EVENT_REMOVE);
+        let stream = self.uffd.event_stream_with_batch(self.batch)?;
+        let shared = Arc::new(Shared {
+            uffd: self.uffd,
+            handler: self.handler,
+            stats: self.stats,
+            page_size,
+            failure: self.failure,
+            fork: self.fork,
+            retry_timeout: self.retry_timeout,
+            prefetch: self.prefetch,
+            concurrency: self.concurrency,
+            batch: self.batch,
+            child_probe: self.child_probe,
+            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
+        });
+        let span = trace::server_span(shared.uffd.uffd().as_raw_fd(), self.regions.len(), false);
+        let mut reader = Reader::new(
+            shared,
+            Layout::new(self.regions),
+            self.guard_threads,
+            stop,
+            None,
+        );
+        reader.watch = watch;
+        trace::in_span(span, reader.run(stream)).await
+    }
+}
+
+thread_local! {
+    static TID: u32 = crate::sys::gettid();
+}
+
+/// The calling thread's id (`gettid(2)`, cached per thread), as page-fault
+/// events report it with `THREAD_ID`. Collect it in a runtime's
+/// `on_thread_start` for [`Server::guard_threads`].
+pub fn thread_id() -> u32 {
+    TID.with(|t| *t)
+}
