@@ -14,35 +14,15 @@
 mod harness;
 
 use std::fmt::Write as _;
-use std::process::Command;
 use std::time::Duration;
 
-use harness::{Op, Path, Pin, Side};
+use harness::{median, median_f64, paired_ratio, Op, Path, Pin, Side};
 
 const RUNS: usize = 7;
 /// Rounds of the latency cases: they are short, and noisier than the rest.
 const LATENCY_RUNS: usize = 15;
 /// Runs of the slow-source cases.
 const SLOW_RUNS: usize = 5;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// The median of `v` (not empty).
-fn median_f64(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// The median of the per-round ratios `krate[i] / floor[i]`: rounds that
-/// ran back to back share whatever the machine was doing then.
-fn paired_ratio(krate: &[f64], floor: &[f64]) -> f64 {
-    let ratios: Vec<f64> = krate.iter().zip(floor).map(|(k, f)| k / f).collect();
-    median_f64(&ratios)
-}
 
 fn med(f: impl Fn() -> Duration) -> Duration {
     median((0..RUNS).map(|_| f()).collect())
@@ -86,31 +66,21 @@ impl Row {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // Re-executed under perf or strace to count the syscalls of one case.
-    if let Some(i) = args.iter().position(|a| a == "--syscall-case") {
-        let path = parse_path(&args[i + 1]);
-        let n: usize = args[i + 2].parse().unwrap();
-        // Optional, for profiling one case by hand: `zero`, `same`.
-        let op = match args.get(i + 3).map(String::as_str) {
-            Some("zero") => Op::Zero,
-            _ => Op::Copy,
-        };
-        let pin = match args.get(i + 4).map(String::as_str) {
-            Some("same") => Pin::SameCore,
-            _ => Pin::OtherCore,
-        };
-        let t = harness::latency(path, op, pin, n);
-        println!(
-            "{:.2} us/fault, handler CPU {:.2} us/fault",
-            t.as_secs_f64() * 1e6 / n as f64,
-            harness::last_handler_cpu().as_secs_f64() * 1e6 / n as f64
-        );
+    if harness::run_syscall_case(&args) {
         return;
     }
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .map(|i| args[i + 1].clone())
-        .unwrap_or_else(|| "target/bench-summary.md".into());
+    // Cargo runs a benchmark in its package's directory (`benches/`): paths
+    // are taken from the workspace root, as when the benches were targets of
+    // the root package.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the bench package sits in the workspace");
+    let out = root.join(
+        args.iter()
+            .position(|a| a == "--out")
+            .map(|i| args[i + 1].as_str())
+            .unwrap_or("target/bench-summary.md"),
+    );
 
     // `--only WORD` runs the groups whose name contains WORD.
     let only = args
@@ -180,7 +150,7 @@ fn main() {
     // Syscalls per fault (copy, on either core).
     for (prefix, pin) in [("copy, same core", "same"), ("copy, other core", "other")] {
         let floor_calls = if run("fault latency") {
-            syscalls_per_fault("raw", pin)
+            harness::syscalls_per_fault("raw", pin)
         } else {
             None
         };
@@ -195,7 +165,7 @@ fn main() {
                 "Server" => "server",
                 _ => continue,
             };
-            if let (Some(c), Some(f)) = (syscalls_per_fault(key, pin), floor_calls) {
+            if let (Some(c), Some(f)) = (harness::syscalls_per_fault(key, pin), floor_calls) {
                 row.syscalls = Some((c, f));
             }
         }
@@ -353,25 +323,12 @@ fn main() {
         rate / 1e6
     );
     print!("{md}");
-    if let Some(dir) = std::path::Path::new(&out).parent() {
+    if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     match std::fs::write(&out, &md) {
-        Ok(()) => eprintln!("written to {out}"),
-        Err(e) => eprintln!("could not write {out}: {e}"),
-    }
-}
-
-fn parse_path(s: &str) -> Path {
-    match s {
-        "raw" => Path::RawRead,
-        "poll" => Path::RawPoll,
-        "epoll" => Path::RawEpoll,
-        "sync" => Path::Sync,
-        "stream-current" => Path::StreamCurrent,
-        "stream-multi" => Path::StreamMulti,
-        "server" => Path::Server,
-        other => panic!("unknown path {other}"),
+        Ok(()) => eprintln!("written to {}", out.display()),
+        Err(e) => eprintln!("could not write {}: {e}", out.display()),
     }
 }
 
@@ -379,70 +336,4 @@ fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-/// Syscalls per fault of one path (copy, handler on the `pin` core): the
-/// difference between two runs of different lengths, so that setup and
-/// teardown cancel out. Counted with `perf stat` on the
-/// `raw_syscalls:sys_enter` tracepoint, which barely slows the run, or
-/// else with `strace -f -c`, which stretches every system call and so
-/// changes how faults and reads interleave. `None` with neither.
-fn syscalls_per_fault(path: &str, pin: &str) -> Option<f64> {
-    let exe = std::env::current_exe().ok()?;
-    let case = |n: usize| {
-        let mut args: Vec<std::ffi::OsString> = vec![exe.clone().into()];
-        args.extend(
-            ["--syscall-case", path, &n.to_string(), "copy", pin]
-                .iter()
-                .map(Into::into),
-        );
-        args
-    };
-    let with_perf = |n: usize| -> Option<f64> {
-        let out = Command::new("perf")
-            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "--"])
-            .args(case(n))
-            .stdout(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        // "12345,,raw_syscalls:sys_enter,..." on stderr.
-        let text = String::from_utf8_lossy(&out.stderr);
-        let line = text
-            .lines()
-            .find(|l| l.contains("raw_syscalls:sys_enter"))?;
-        line.split(',').next()?.trim().parse().ok()
-    };
-    let with_strace = |n: usize| -> Option<f64> {
-        let file = std::env::temp_dir().join(format!(
-            "tokio-uffd-strace-{}-{path}-{n}",
-            std::process::id()
-        ));
-        let status = Command::new("strace")
-            .args(["-f", "-c", "-o"])
-            .arg(&file)
-            .args(case(n))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .ok()?;
-        let text = std::fs::read_to_string(&file).ok()?;
-        let _ = std::fs::remove_file(&file);
-        if !status.success() {
-            return None;
-        }
-        // "100.00    0.012345           3      4321        12 total"
-        let total = text
-            .lines()
-            .rev()
-            .find(|l| l.trim_end().ends_with("total"))?;
-        let fields: Vec<&str> = total.split_whitespace().collect();
-        fields.get(3)?.parse().ok()
-    };
-    let (a, b) = (1000, 6000);
-    let per_fault =
-        |count: &dyn Fn(usize) -> Option<f64>| Some((count(b)? - count(a)?) / (b - a) as f64);
-    per_fault(&with_perf).or_else(|| per_fault(&with_strace))
 }
