@@ -362,9 +362,7 @@ mod tests {
     fn file_source_rejects_a_fifo_without_waiting_for_a_writer() {
         let dir = TempDir::new("fifo");
         let fifo = dir.0.join("pipe");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         // Without O_NONBLOCK this open would block forever (no writer).
         let err = FileSource::open(&fifo).unwrap_err();
         let msg = err.to_string();

@@ -20,38 +20,12 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-// ---------------------------------------------------------------------------
-// ioctl number encoding (asm-generic/ioctl.h; x86, arm64, riscv, ...)
-// ---------------------------------------------------------------------------
-
-const IOC_NRBITS: u32 = 8;
-const IOC_TYPEBITS: u32 = 8;
-const IOC_SIZEBITS: u32 = 14;
-const IOC_NRSHIFT: u32 = 0;
-const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
-const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
-const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
-const IOC_NONE: u32 = 0;
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
-
-const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
-    (dir << IOC_DIRSHIFT)
-        | (ty << IOC_TYPESHIFT)
-        | (nr << IOC_NRSHIFT)
-        | ((size as u32) << IOC_SIZESHIFT)
-}
-const fn io(ty: u32, nr: u32) -> u32 {
-    ioc(IOC_NONE, ty, nr, 0)
-}
-const fn ior(ty: u32, nr: u32, size: usize) -> u32 {
-    ioc(IOC_READ, ty, nr, size)
-}
-const fn iowr(ty: u32, nr: u32, size: usize) -> u32 {
-    ioc(IOC_READ | IOC_WRITE, ty, nr, size)
-}
+use nix::fcntl::{FcntlArg, FdFlag, OFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::mman::{MapFlags, ProtFlags};
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -61,7 +35,7 @@ const fn iowr(ty: u32, nr: u32, size: usize) -> u32 {
 pub const USERFAULTFD_IOC: u32 = 0xAA;
 /// Creates a new userfaultfd from `/dev/userfaultfd` (kernel 6.1+). The
 /// argument is the same flags word as the syscall's.
-pub const USERFAULTFD_IOC_NEW: u32 = io(USERFAULTFD_IOC, 0x00);
+pub const USERFAULTFD_IOC_NEW: u32 = nix::request_code_none!(USERFAULTFD_IOC, 0x00) as u32;
 
 pub const UFFD_API: u64 = 0xAA;
 
@@ -79,20 +53,36 @@ pub const _UFFDIO_POISON: u32 = 0x08;
 pub const _UFFDIO_API: u32 = 0x3F;
 
 pub const UFFDIO: u32 = 0xAA;
-pub const UFFDIO_API: u32 = iowr(UFFDIO, _UFFDIO_API, size_of::<uffdio_api>());
-pub const UFFDIO_REGISTER: u32 = iowr(UFFDIO, _UFFDIO_REGISTER, size_of::<uffdio_register>());
-pub const UFFDIO_UNREGISTER: u32 = ior(UFFDIO, _UFFDIO_UNREGISTER, size_of::<uffdio_range>());
-pub const UFFDIO_WAKE: u32 = ior(UFFDIO, _UFFDIO_WAKE, size_of::<uffdio_range>());
-pub const UFFDIO_COPY: u32 = iowr(UFFDIO, _UFFDIO_COPY, size_of::<uffdio_copy>());
-pub const UFFDIO_ZEROPAGE: u32 = iowr(UFFDIO, _UFFDIO_ZEROPAGE, size_of::<uffdio_zeropage>());
-pub const UFFDIO_MOVE: u32 = iowr(UFFDIO, _UFFDIO_MOVE, size_of::<uffdio_move>());
-pub const UFFDIO_WRITEPROTECT: u32 = iowr(
+
+// The request numbers are `_IOR`/`_IOWR` of the C header, encoded by nix,
+// which knows each architecture's layout: asm-generic (x86, arm64, riscv,
+// ...) has 2 direction bits and 14 size bits, powerpc, mips and sparc64 have
+// 3 and 13 and other direction values. The `as u32` only narrows nix's
+// `c_ulong` (glibc) or reinterprets its `c_int` (musl): every number fits in
+// 32 bits. Checked below against the known values.
+pub const UFFDIO_API: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_API, size_of::<uffdio_api>()) as u32;
+pub const UFFDIO_REGISTER: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_REGISTER, size_of::<uffdio_register>()) as u32;
+pub const UFFDIO_UNREGISTER: u32 =
+    nix::request_code_read!(UFFDIO, _UFFDIO_UNREGISTER, size_of::<uffdio_range>()) as u32;
+pub const UFFDIO_WAKE: u32 =
+    nix::request_code_read!(UFFDIO, _UFFDIO_WAKE, size_of::<uffdio_range>()) as u32;
+pub const UFFDIO_COPY: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_COPY, size_of::<uffdio_copy>()) as u32;
+pub const UFFDIO_ZEROPAGE: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_ZEROPAGE, size_of::<uffdio_zeropage>()) as u32;
+pub const UFFDIO_MOVE: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_MOVE, size_of::<uffdio_move>()) as u32;
+pub const UFFDIO_WRITEPROTECT: u32 = nix::request_code_readwrite!(
     UFFDIO,
     _UFFDIO_WRITEPROTECT,
-    size_of::<uffdio_writeprotect>(),
-);
-pub const UFFDIO_CONTINUE: u32 = iowr(UFFDIO, _UFFDIO_CONTINUE, size_of::<uffdio_continue>());
-pub const UFFDIO_POISON: u32 = iowr(UFFDIO, _UFFDIO_POISON, size_of::<uffdio_poison>());
+    size_of::<uffdio_writeprotect>()
+) as u32;
+pub const UFFDIO_CONTINUE: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_CONTINUE, size_of::<uffdio_continue>()) as u32;
+pub const UFFDIO_POISON: u32 =
+    nix::request_code_readwrite!(UFFDIO, _UFFDIO_POISON, size_of::<uffdio_poison>()) as u32;
 
 pub const UFFD_API_IOCTLS: u64 = 1 << _UFFDIO_REGISTER | 1 << _UFFDIO_UNREGISTER | 1 << _UFFDIO_API;
 pub const UFFD_API_RANGE_IOCTLS: u64 = 1 << _UFFDIO_WAKE
@@ -418,8 +408,12 @@ const _: () = {
     assert!(size_of::<uffdio_move>() == 40);
     assert!(offset_of!(uffdio_move, mode) == 24);
     assert!(offset_of!(uffdio_move, move_) == 32);
+};
 
-    // The encoded numbers every kernel uses (x86-64 values).
+// The encoded request numbers, as `<linux/userfaultfd.h>` gives them on
+// x86-64.
+#[cfg(target_arch = "x86_64")]
+const _: () = {
     assert!(UFFDIO_API == 0xc018_aa3f);
     assert!(UFFDIO_REGISTER == 0xc020_aa00);
     assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
@@ -433,12 +427,39 @@ const _: () = {
     assert!(USERFAULTFD_IOC_NEW == 0xaa00);
 };
 
+// Where `_IOC_NONE` is 1, `_IOC_READ` 2 and `_IOC_WRITE` 4 in a 3-bit
+// direction field (arch/{powerpc,mips,sparc}/include/uapi/asm/ioctl.h):
+// `_IO` and `_IOR` differ from asm-generic. A target whose encoding nix got
+// wrong fails to build here instead of sending the wrong requests (nix 0.30
+// encodes 32-bit sparc as asm-generic, so that target stops here).
+#[cfg(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "mips32r6",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+))]
+const _: () = {
+    assert!(USERFAULTFD_IOC_NEW == 0x2000_aa00);
+    assert!(UFFDIO_UNREGISTER == 0x4010_aa01);
+    assert!(UFFDIO_WAKE == 0x4010_aa02);
+    assert!(UFFDIO_API == 0xc018_aa3f);
+};
+
 // ---------------------------------------------------------------------------
 // Raw calls. Each returns the OS error on failure; nothing here interprets it.
 // ---------------------------------------------------------------------------
 
 /// Calls `userfaultfd(2)` with `flags`.
+///
+/// # References
+///
+/// - [`userfaultfd(2)`](https://man7.org/linux/man-pages/man2/userfaultfd.2.html)
 pub fn userfaultfd(flags: i32) -> io::Result<OwnedFd> {
+    // Raw libc: neither nix nor libc has a wrapper for this syscall.
     // SAFETY: the syscall takes one integer argument and touches no memory of
     // ours.
     let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) };
@@ -449,30 +470,29 @@ pub fn userfaultfd(flags: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
+// `ioctl(fd, USERFAULTFD_IOC_NEW, flags)`: the flags go by value, as an
+// integer, not through a pointer.
+mod dev {
+    nix::ioctl_write_int_bad!(userfaultfd_ioc_new, super::USERFAULTFD_IOC_NEW);
+}
+
 /// Opens `/dev/userfaultfd` and asks it for a new userfaultfd with `flags`
 /// (`USERFAULTFD_IOC_NEW`, kernel 6.1+). The device fd is closed again.
+///
+/// # References
+///
+/// - <https://docs.kernel.org/admin-guide/mm/userfaultfd.html#create-a-userfaultfd>
 pub fn userfaultfd_from_device(flags: i32) -> io::Result<OwnedFd> {
-    let path = c"/dev/userfaultfd";
-    // SAFETY: `path` is a NUL-terminated string that outlives the call.
-    let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if dev < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `open` returned a new fd that nothing else owns.
-    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as a plain integer argument.
-    let ret = unsafe {
-        libc::ioctl(
-            dev.as_raw_fd(),
-            USERFAULTFD_IOC_NEW as _,
-            flags as libc::c_long,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // std opens with O_CLOEXEC.
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as a plain integer argument
+    // and touches no memory of ours.
+    let fd = unsafe { dev::userfaultfd_ioc_new(dev.as_raw_fd(), flags) }?;
     // SAFETY: on success the ioctl returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Issues `ioctl(fd, request, arg)` with a pointer to a `#[repr(C)]` struct.
@@ -482,7 +502,14 @@ pub fn userfaultfd_from_device(flags: i32) -> io::Result<OwnedFd> {
 /// `request` must be a userfaultfd ioctl whose argument has type `T`, and
 /// the operation it asks of the kernel must be one the caller may ask for
 /// (for example, `UFFDIO_MOVE` takes pages away from its source range).
+///
+/// # References
+///
+/// - [`ioctl_userfaultfd(2)`](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html)
 pub unsafe fn ioctl<T>(fd: RawFd, request: u32, arg: &mut T) -> io::Result<()> {
+    // Raw libc: nix's `ioctl_*!` macros make one function per request; this
+    // one is generic over the request, so every `Uffd` method (and the
+    // per-fault COPY/ZEROPAGE) shares one plain call.
     // SAFETY: `arg` is a valid, exclusive pointer to a `T` for the duration
     // of the call, which is what the request expects by the caller's promise.
     let ret = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
@@ -500,6 +527,8 @@ pub(crate) fn read_msgs(
     buf: &mut [std::mem::MaybeUninit<uffd_msg>],
 ) -> io::Result<usize> {
     let len = std::mem::size_of_val(buf);
+    // Raw libc: nix's `read` wants an initialized `&mut [u8]`; reading
+    // straight into `MaybeUninit` messages spares zeroing the buffer per read.
     // SAFETY: `buf` is writable for `len` bytes; the kernel writes whole
     // messages into it and reports how many bytes it wrote.
     let ret = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
@@ -511,29 +540,37 @@ pub(crate) fn read_msgs(
 }
 
 /// `sysconf(_SC_PAGESIZE)`: the base page size of this machine.
+///
+/// # References
+///
+/// - [`sysconf(3)`](https://man7.org/linux/man-pages/man3/sysconf.3.html)
 pub fn page_size() -> usize {
-    // SAFETY: sysconf takes an integer name and touches no memory of ours.
-    let ret = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if ret > 0 {
-        return ret as usize;
+    if let Ok(Some(n)) = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        if n > 0 {
+            return n as usize;
+        }
     }
     // Linux libcs never fail _SC_PAGESIZE; the kernel's auxiliary vector
-    // holds the same value.
+    // holds the same value. Raw libc: nix has no `getauxval`.
     // SAFETY: getauxval reads the process's auxiliary vector.
     unsafe { libc::getauxval(libc::AT_PAGESZ) as usize }
+}
+
+/// `poll(2)` of one fd for `POLLIN` for up to `timeout`; `EINTR` is not
+/// retried here. Returns the number of ready fds (0 or 1) and `revents`.
+fn poll_one(fd: BorrowedFd<'_>, timeout: PollTimeout) -> nix::Result<(i32, PollFlags)> {
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    let n = nix::poll::poll(&mut pfd, timeout)?;
+    // The kernel reports only the requested events and POLLERR, POLLHUP,
+    // POLLNVAL, all of which nix knows: `revents()` is never `None`.
+    Ok((n, pfd[0].revents().unwrap_or(PollFlags::empty())))
 }
 
 /// Whether `fd` polls as `POLLERR` right now (a userfaultfd before
 /// `UFFDIO_API`, or a blocking one).
 pub(crate) fn poll_error(fd: BorrowedFd<'_>) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no waiting.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & libc::POLLERR != 0
+    poll_one(fd, PollTimeout::ZERO)
+        .is_ok_and(|(n, revents)| n > 0 && revents.contains(PollFlags::POLLERR))
 }
 
 /// What [`poll_in`] saw.
@@ -552,63 +589,48 @@ pub(crate) fn poll_in(
     fd: BorrowedFd<'_>,
     timeout: Option<std::time::Duration>,
 ) -> io::Result<PollIn> {
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    // Longer than i32::MAX ms (24.8 days) waits that long.
+    let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX)
+    });
     loop {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n >= 0 {
-            return Ok(if pfd.revents & libc::POLLIN != 0 {
-                PollIn::Readable
-            } else if pfd.revents & libc::POLLERR != 0 {
-                PollIn::Error
-            } else {
-                PollIn::TimedOut
-            });
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match poll_one(fd, timeout) {
+            Ok((_, revents)) => {
+                return Ok(if revents.contains(PollFlags::POLLIN) {
+                    PollIn::Readable
+                } else if revents.contains(PollFlags::POLLERR) {
+                    PollIn::Error
+                } else {
+                    PollIn::TimedOut
+                });
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Sets `O_NONBLOCK` on the open file description and `FD_CLOEXEC` on `fd`.
 pub(crate) fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: F_GETFL takes no argument and touches no memory of ours.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if fl < 0 {
-        return Err(io::Error::last_os_error());
+    use nix::fcntl::fcntl;
+    let fl = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    if !fl.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
     }
-    if fl & libc::O_NONBLOCK == 0 {
-        // SAFETY: F_SETFL takes an integer argument.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: F_GETFD takes no argument.
-    let fdfl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if fdfl < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if fdfl & libc::FD_CLOEXEC == 0 {
-        // SAFETY: F_SETFD takes an integer argument.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, fdfl | libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    let fdfl = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
+    if !fdfl.contains(FdFlag::FD_CLOEXEC) {
+        fcntl(fd, FcntlArg::F_SETFD(fdfl | FdFlag::FD_CLOEXEC))?;
     }
     Ok(())
 }
 
 /// `gettid(2)`: the calling thread's id.
+///
+/// # References
+///
+/// - [`gettid(2)`](https://man7.org/linux/man-pages/man2/gettid.2.html)
 pub fn gettid() -> u32 {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::gettid() as u32 }
+    nix::unistd::gettid().as_raw() as u32
 }
 
 /// `vm.mmap_min_addr` from `/proc/sys/vm/mmap_min_addr`, or `None` if it
@@ -631,23 +653,22 @@ pub(crate) fn mmap_min_addr() -> Option<u64> {
 /// The page is never unmapped: it is the owner probe's source (see
 /// `Uffd::owner_exited`), whose whole point is that a read of it fails.
 pub(crate) fn map_inaccessible_page(addr: Option<usize>, page_size: usize) -> io::Result<usize> {
-    let mut flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let mut flags = MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE;
     if addr.is_some() {
-        flags |= libc::MAP_FIXED_NOREPLACE;
+        flags |= MapFlags::MAP_FIXED_NOREPLACE;
     }
-    let hint = addr.unwrap_or(0) as *mut libc::c_void;
+    let len = NonZeroUsize::new(page_size).ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
+    // `None` is a null hint, which MAP_FIXED_NOREPLACE takes as address 0.
+    let hint = addr.and_then(NonZeroUsize::new);
     // SAFETY: a new inaccessible mapping; MAP_FIXED_NOREPLACE never replaces
     // an existing one, so no memory of this process changes.
-    let p = unsafe { libc::mmap(hint, page_size, libc::PROT_NONE, flags, -1, 0) };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
+    let p = unsafe { nix::sys::mman::mmap_anonymous(hint, len, ProtFlags::PROT_NONE, flags) }?;
     if let Some(want) = addr {
-        if p as usize != want {
+        if p.as_ptr() as usize != want {
             // SAFETY: unmapping the page this call just mapped.
-            unsafe { libc::munmap(p, page_size) };
+            let _ = unsafe { nix::sys::mman::munmap(p, page_size) };
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
     }
-    Ok(p as usize)
+    Ok(p.as_ptr() as usize)
 }

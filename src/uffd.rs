@@ -1134,6 +1134,7 @@ const _: () = {
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use nix::sys::mman::{self, MapFlags, ProtFlags};
 
     /// A userfaultfd for the tests below, or None (a failure under CI=true).
     fn test_uffd(want: Features) -> Option<Uffd> {
@@ -1148,19 +1149,13 @@ mod tests {
         }
     }
 
-    fn map(len: usize, flags: i32) -> Option<usize> {
+    /// An anonymous mapping of `len` bytes with `flags`, or None.
+    fn map(len: usize, flags: MapFlags) -> Option<usize> {
+        let len = std::num::NonZeroUsize::new(len)?;
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh mapping at an address the kernel picks.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(p as usize)
+        let p = unsafe { mman::mmap_anonymous(None, len, prot, flags) }.ok()?;
+        Some(p.as_ptr() as usize)
     }
 
     /// The owner probe's second guard on its own: a `UFFDIO_COPY` from the
@@ -1174,7 +1169,7 @@ mod tests {
             return;
         };
         let page = uffd.page_size();
-        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let anon = MapFlags::MAP_PRIVATE;
         let mut cases = vec![
             (
                 "anon",
@@ -1184,7 +1179,7 @@ mod tests {
             ),
             (
                 "shmem",
-                map(page, libc::MAP_SHARED | libc::MAP_ANONYMOUS).unwrap(),
+                map(page, MapFlags::MAP_SHARED).unwrap(),
                 page,
                 RegisterMode::MISSING,
             ),
@@ -1205,7 +1200,7 @@ mod tests {
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
             })
             .map(|kib| kib * 1024);
-        match huge.and_then(|h| map(h, anon | libc::MAP_HUGETLB).map(|a| (a, h))) {
+        match huge.and_then(|h| map(h, anon | MapFlags::MAP_HUGETLB).map(|a| (a, h))) {
             Some((addr, h)) => cases.push(("hugetlb", addr, h, RegisterMode::MISSING)),
             None => {
                 let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
@@ -1228,8 +1223,9 @@ mod tests {
             );
             // SAFETY: the page was just filled; reading our own mapping.
             assert_eq!(unsafe { std::ptr::read_volatile(addr as *const u8) }, 0xa5);
+            let addr = std::ptr::NonNull::new(addr as *mut std::ffi::c_void).unwrap();
             // SAFETY: unmapping our own mapping.
-            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+            unsafe { mman::munmap(addr, len) }.unwrap();
         }
     }
 

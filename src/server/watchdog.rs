@@ -497,7 +497,12 @@ impl State {
 mod tests {
     use super::*;
     use crate::{RegisterMode, Uffd, ZeropageFlags};
-    use std::os::fd::AsFd;
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
+    use std::ffi::c_void;
+    use std::num::NonZeroUsize;
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::ptr::NonNull;
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
 
@@ -522,32 +527,25 @@ mod tests {
     /// faults with `uffd`; returns its start.
     fn registered(uffd: &Uffd, pages: usize) -> usize {
         let len = pages * uffd.page_size();
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let size = NonZeroUsize::new(len).unwrap();
         // SAFETY: a fresh anonymous mapping; nothing else refers to it.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(mem, libc::MAP_FAILED);
+        let mem = unsafe { mman::mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.unwrap();
+        let mem = mem.as_ptr() as usize;
         // SAFETY: the mapping is ours; no reference into it exists, and its
         // pages are filled only by the tests' resolutions.
-        unsafe { uffd.register(mem as usize, len, RegisterMode::MISSING) }.unwrap();
-        mem as usize
+        unsafe { uffd.register(mem, len, RegisterMode::MISSING) }.unwrap();
+        mem
     }
 
     fn unmap(start: usize, len: usize) {
+        let start = NonNull::new(start as *mut c_void).unwrap();
         // SAFETY: a mapping made by `registered`, no longer touched.
-        assert_eq!(unsafe { libc::munmap(start as *mut libc::c_void, len) }, 0);
+        unsafe { mman::munmap(start, len) }.unwrap();
     }
 
     fn gettid() -> u32 {
-        // SAFETY: gettid has no preconditions.
-        unsafe { libc::gettid() as u32 }
+        crate::sys::gettid()
     }
 
     #[test]
@@ -702,15 +700,10 @@ mod tests {
                         // SAFETY: mapped; the server thread resolves it.
                         unsafe { std::ptr::read_volatile((start + i * page) as *const u8) };
                     }
+                    let addr = NonNull::new(start as *mut c_void).unwrap();
+                    let advice = MmapAdvise::MADV_DONTNEED;
                     // SAFETY: frees our own private pages; they fault again.
-                    let r = unsafe {
-                        libc::madvise(
-                            start as *mut libc::c_void,
-                            pages * page,
-                            libc::MADV_DONTNEED,
-                        )
-                    };
-                    assert_eq!(r, 0);
+                    unsafe { mman::madvise(addr, pages * page, advice) }.unwrap();
                 }
             })
         };
@@ -764,9 +757,10 @@ mod tests {
         .unwrap();
         let dup = dog.fd;
         assert_ne!(dup, uffd.as_raw_fd());
-        // SAFETY: F_GETFD only reads the fd's flags.
-        let flags = unsafe { libc::fcntl(dup, libc::F_GETFD) };
-        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        // SAFETY: `dup` is the watchdog's fd, open until `dog` is dropped.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(dup) };
+        let flags = FdFlag::from_bits_retain(fcntl(borrowed, FcntlArg::F_GETFD).unwrap());
+        assert!(flags.contains(FdFlag::FD_CLOEXEC));
         if distinct {
             assert_eq!(fds_like(uffd.as_raw_fd()), 2);
         }
