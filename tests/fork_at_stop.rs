@@ -6,49 +6,15 @@
 //! This binary holds one test: any fork in a process whose userfaultfd has
 //! `EVENT_FORK` waits for a reader, so it must not run beside other tests.
 
+#![cfg(feature = "async")]
+
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
 use common::*;
-use tokio_uffd::{
-    AsyncUffd, CopyFlags, EventBuffer, FaultHandler, FaultRequest, Features, HandlerError, Region,
-    Resolution, Server, ServerExit,
-};
-
-/// Pages in `held` are woken only once `open` has permits (the test fills
-/// them itself, so that no resolution meets the fork's `EAGAIN` and drains
-/// the queue by the way); others are copied at once.
-struct Held {
-    held: Vec<usize>,
-    open: tokio::sync::Semaphore,
-    calls: std::sync::atomic::AtomicUsize,
-}
-
-impl FaultHandler for Held {
-    async fn fault<'a>(
-        &'a self,
-        req: &'a FaultRequest,
-        buf: &'a mut [u8],
-    ) -> Result<Resolution, HandlerError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.held.contains(&req.addr) {
-            tokio::time::timeout(BOUND, self.open.acquire())
-                .await
-                .map_err(|_| "the test never opened the held pages")??
-                .forget();
-            return Ok(Resolution::Wake);
-        }
-        buf.fill(7);
-        Ok(Resolution::Copy)
-    }
-}
-
-fn wchan(tid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
-}
+use tokio_uffd::{AsyncUffd, CopyFlags, EventBuffer, Features, Region, Server, ServerExit};
 
 /// Page A's fetch holds the only permit and page B's fault makes the server
 /// wait for it, so the server reads nothing; then the server is asked to
@@ -61,11 +27,10 @@ fn a_stopping_server_reads_a_pending_fork_so_the_forking_thread_returns() {
     };
     let page = uffd.page_size();
     let (a, b) = (mem.addr, mem.addr + page);
-    let handler = Arc::new(Held {
-        held: vec![a, b],
-        open: tokio::sync::Semaphore::new(0),
-        calls: Default::default(),
-    });
+    // Held pages are only woken: the test fills them itself, so that no
+    // resolution meets the fork's EAGAIN and drains the queue by the way.
+    let mut handler = HeldPages::new(2 * page, [a, b]);
+    Arc::get_mut(&mut handler).unwrap().wake_held = true;
     let rt = multi_thread_rt();
     rt.block_on(async {
         let async_uffd = AsyncUffd::new(uffd).unwrap();
@@ -77,9 +42,9 @@ fn a_stopping_server_reads_a_pending_fork_so_the_forking_thread_returns() {
         let h = handler.clone();
         let (a_read, b_read) = tokio::task::spawn_blocking(move || {
             let a_read = start_read(a);
-            wait_until("A's fetch started", || h.calls.load(Ordering::SeqCst) >= 1);
+            wait_until("A's fetch started", || h.calls() >= 1);
             let b_read = start_read(b);
-            wait_until("B's fetch started", || h.calls.load(Ordering::SeqCst) >= 2);
+            wait_until("B's fetch started", || h.calls() >= 2);
             (a_read, b_read)
         })
         .await
@@ -95,8 +60,7 @@ fn a_stopping_server_reads_a_pending_fork_so_the_forking_thread_returns() {
         let forking = tokio::task::spawn_blocking(move || {
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let forking = thread::spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                tid_tx.send(gettid()).unwrap();
                 let pid = raw_fork();
                 if pid == 0 {
                     // SAFETY: only _exit in the child of a raw fork.

@@ -9,6 +9,8 @@
 //! only concurrency permit, so the server stops reading), and attacked by
 //! a storm of faulting, verifying and freeing threads.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,10 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio_uffd::{
-    AsyncUffd, FaultHandler, FaultRequest, Features, HandlerError, MemorySource, PageSource,
-    Region, Resolution, Server, SourceHandler,
-};
+use tokio_uffd::{AsyncUffd, Features, MemorySource, Region, Server, SourceHandler};
 
 /// A fault on a page of a fault-around window in flight is a duplicate:
 /// the window's resolution wakes it. When that page is freed meanwhile, the
@@ -36,13 +35,8 @@ fn a_duplicate_on_a_prefetched_page_freed_meanwhile_is_woken() {
     let page = uffd.page_size();
     let raw = uffd.as_raw_fd();
     let base = mem.addr;
-    let handler = Arc::new(HeldPages {
-        image: MemorySource::new(image(4 * page)),
-        // Every run is fetched by `fault`, held until opened.
-        slow: (0..4).map(|p| base + p * page).collect(),
-        open: tokio::sync::Semaphore::new(0),
-        calls: AtomicUsize::new(0),
-    });
+    // Every run is fetched by `fault`, held until opened.
+    let handler = HeldPages::new(4 * page, (0..4).map(|p| base + p * page));
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
@@ -54,9 +48,7 @@ fn a_duplicate_on_a_prefetched_page_freed_meanwhile_is_woken() {
         let (first, dup) = tokio::task::spawn_blocking(move || {
             // The window 0..4 is in flight, its fetch held.
             let first = start_read(base + 1);
-            wait_until("the window's fetch started", || {
-                h.calls.load(Ordering::SeqCst) >= 1
-            });
+            wait_until("the window's fetch started", || h.calls() >= 1);
             // Page 3, the window's last, freed: its Remove is read at once
             // (the fetch waits in a task of its own); the window planned
             // again ends before it.
@@ -105,55 +97,8 @@ impl Rng {
     }
 }
 
-/// Serves the test image; pages in `slow` are fetched only once `open`
-/// has permits, everything else at once from memory.
-struct HeldPages {
-    image: MemorySource,
-    slow: Vec<usize>,
-    open: tokio::sync::Semaphore,
-    calls: AtomicUsize,
-}
-
-impl FaultHandler for HeldPages {
-    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
-        if self.slow.contains(&req.addr) {
-            return None;
-        }
-        self.image.bytes_at(req.offset, req.len)
-    }
-
-    async fn fault<'a>(
-        &'a self,
-        req: &'a FaultRequest,
-        buf: &'a mut [u8],
-    ) -> Result<Resolution, HandlerError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        tokio::time::timeout(BOUND, self.open.acquire())
-            .await
-            .map_err(|_| "the test never opened the held pages")??
-            .forget();
-        self.image.read_at(req.offset, buf).await?;
-        Ok(Resolution::Copy)
-    }
-}
-
-/// A count of `/proc/self/fdinfo/<fd>`: `pending` (faults queued, unread)
-/// or `total` (those and the faults read whose threads still sleep).
-fn fdinfo_count(fd: i32, what: &str) -> usize {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(what)?.strip_prefix(':'))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{what}: in the userfaultfd's fdinfo"))
-}
-
-fn pending_faults(fd: i32) -> usize {
+fn pending_faults(fd: std::os::fd::RawFd) -> usize {
     fdinfo_count(fd, "pending")
-}
-
-/// What thread `tid` of this process sleeps in (`/proc/.../wchan`).
-fn wchan(tid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
 }
 
 /// The reproduction: page A's fetch holds the only permit, page B's
@@ -175,12 +120,7 @@ fn a_fault_and_the_remove_of_its_page_in_one_batch_leave_zeros() {
         0,
         "the test needs a nonzero image byte"
     );
-    let handler = Arc::new(HeldPages {
-        image: MemorySource::new(image(4 * page)),
-        slow: vec![a, b],
-        open: tokio::sync::Semaphore::new(0),
-        calls: AtomicUsize::new(0),
-    });
+    let handler = HeldPages::new(4 * page, [a, b]);
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
@@ -191,21 +131,16 @@ fn a_fault_and_the_remove_of_its_page_in_one_batch_leave_zeros() {
         let h = handler.clone();
         let (x_read, x_after) = tokio::task::spawn_blocking(move || {
             let a_read = start_read(a);
-            wait_until("page A's fetch started", || {
-                h.calls.load(Ordering::SeqCst) >= 1
-            });
+            wait_until("page A's fetch started", || h.calls() >= 1);
             let b_read = start_read(b + 1);
             // B's fetch is polled once on the reader, then the reader waits
             // for the permit A holds: it reads nothing more.
-            wait_until("page B's fetch started", || {
-                h.calls.load(Ordering::SeqCst) >= 2
-            });
+            wait_until("page B's fetch started", || h.calls() >= 2);
             let x_read = start_read(x + 9);
             wait_until("the fault on X queued", || pending_faults(raw) >= 1);
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let freeing = thread::spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                tid_tx.send(gettid()).unwrap();
                 dontneed(x, page);
             });
             let tid = tid_rx.recv_timeout(BOUND).unwrap();

@@ -3,17 +3,16 @@
 //! address. Faults come from `std::thread`s (and, on purpose, from the
 //! runtime's own thread); every wait is bounded.
 
+#![cfg(feature = "async")]
+
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use common::*;
 use tokio_uffd::{
-    thread_id, AsyncUffd, FaultHandler, FaultRequest, Features, HandlerError, Region, Resolution,
-    Server, SourceHandler, ZeroSource, ZeropageFlags,
+    thread_id, AsyncUffd, Features, Region, Server, SourceHandler, ZeroSource, ZeropageFlags,
 };
 
 /// The runtime's only thread touches registered memory: it sleeps in the
@@ -74,31 +73,6 @@ fn a_current_thread_runtime_that_faults_on_its_own_memory_is_reported() {
     });
 }
 
-/// Never answers the faults of page 1 until told to.
-struct Stuck {
-    stuck: usize,
-    open: tokio::sync::Semaphore,
-    calls: AtomicUsize,
-}
-
-impl FaultHandler for Stuck {
-    async fn fault<'a>(
-        &'a self,
-        req: &'a FaultRequest,
-        buf: &'a mut [u8],
-    ) -> Result<Resolution, HandlerError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if req.addr == self.stuck {
-            tokio::time::timeout(BOUND, self.open.acquire())
-                .await
-                .map_err(|_| "never opened")??
-                .forget();
-        }
-        buf.fill(5);
-        Ok(Resolution::Copy)
-    }
-}
-
 /// A handler that does not answer: the fault was read, so the report names
 /// its address and its thread; the server keeps serving other pages; once
 /// answered, the fault is served.
@@ -108,11 +82,8 @@ fn a_fault_whose_handler_does_not_answer_is_reported_with_its_address() {
         return;
     };
     let page = uffd.page_size();
-    let handler = Arc::new(Stuck {
-        stuck: mem.addr + page,
-        open: tokio::sync::Semaphore::new(0),
-        calls: AtomicUsize::new(0),
-    });
+    // Page 1 is not answered until the test says so.
+    let handler = HeldPages::new(2 * page, [mem.addr + page]);
     let rt = multi_thread_rt();
     rt.block_on(async {
         let server = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
@@ -126,8 +97,7 @@ fn a_fault_whose_handler_does_not_answer_is_reported_with_its_address() {
         let (stall, tid, other) = tokio::task::spawn_blocking(move || {
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let stuck = thread::spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                tid_tx.send(gettid()).unwrap();
                 read_at(addr + page + 3)
             });
             let tid = tid_rx.recv_timeout(BOUND).unwrap();
@@ -138,12 +108,15 @@ fn a_fault_whose_handler_does_not_answer_is_reported_with_its_address() {
             // Other pages are still served meanwhile.
             let other = read_within(addr + 1, BOUND);
             h.open.add_permits(1);
-            assert_eq!(join_bounded("the stuck reader", stuck), 5);
+            assert_eq!(
+                join_bounded("the stuck reader", stuck),
+                image_byte(page + 3)
+            );
             (stall, tid, other)
         })
         .await
         .unwrap();
-        assert_eq!(other, Some(5));
+        assert_eq!(other, Some(image_byte(1)));
         // The kernel reports the page, not the byte (no EXACT_ADDRESS).
         assert_eq!(stall.fault_addr, Some(mem.addr + page), "{stall}");
         assert_eq!(stall.thread, Some(tid as u32), "{stall}");

@@ -1,10 +1,6 @@
 //! What the reader does with a finished job: settle it, park it, plan
 //! it again, retry it, or apply the failure policy.
 
-use super::job::{failure, Cause, Done, Job, Outcome, Run, ServeError};
-use super::policy::{FailurePolicy, ServerExit};
-use super::reader::Reader;
-use super::resolve::{apply_and_account, decide_direct, execute};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +9,11 @@ use crate::flags::{Features, PoisonFlags};
 use crate::handler::{FaultHandler, Resolution};
 use crate::stats::Stats;
 use crate::trace;
+
+use super::job::{failure, Cause, Done, Job, Outcome, Run, ServeError};
+use super::policy::{FailurePolicy, ServerExit};
+use super::reader::Reader;
+use super::resolve::{apply_and_account, decide_direct, execute};
 
 impl<H: FaultHandler> Reader<H> {
     pub(super) async fn finish(&mut self, done: Done) -> Result<Option<ServerExit>> {
@@ -24,7 +25,7 @@ impl<H: FaultHandler> Reader<H> {
         let retrying = match &outcome {
             Outcome::Park => true,
             Outcome::Failed { .. } => matches!(
-                self.shared.failure,
+                self.shared.config.failure,
                 FailurePolicy::Retry { attempts, .. } if job.attempt < attempts && !job.zero_fill
             ),
             _ => false,
@@ -47,7 +48,7 @@ impl<H: FaultHandler> Reader<H> {
                         addr = %format_args!("{:#x}", job.page),
                         "parked: the address space is changing (EAGAIN); reading events and retrying"
                     );
-                    job.deadline = Some(Instant::now() + self.shared.retry_timeout);
+                    job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
                 }
                 self.parked.push(job);
             }
@@ -80,7 +81,7 @@ impl<H: FaultHandler> Reader<H> {
             Outcome::Failed { run, cause } => {
                 let stats = &self.shared.stats;
                 Stats::add(&stats.handler_failures, 1);
-                if let FailurePolicy::Retry { attempts, backoff } = self.shared.failure {
+                if let FailurePolicy::Retry { attempts, backoff } = self.shared.config.failure {
                     if job.attempt < attempts && !job.zero_fill {
                         let failure = failure(&job, run, cause, FailureAction::Retried);
                         trace::report_failure(&failure);
@@ -105,13 +106,7 @@ impl<H: FaultHandler> Reader<H> {
     }
 
     pub(super) async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        self.inflight += 1;
+        let permit = self.take_slot().await;
         decide_direct(&self.shared, &mut job);
         let shared = self.shared.clone();
         let tx = self.tx.clone();
@@ -144,7 +139,7 @@ impl<H: FaultHandler> Reader<H> {
             stats.record_failure(&failure);
             failure
         };
-        if self.shared.failure == FailurePolicy::Stop {
+        if self.shared.config.failure == FailurePolicy::Stop {
             let _ = uffd.wake(lo, hi - lo);
             let failure = report(&job, cause, FailureAction::Stopped);
             return Err(Error::Handler(Box::new(failure)));
@@ -172,7 +167,7 @@ impl<H: FaultHandler> Reader<H> {
                 job.nruns = 1;
                 job.decided = true;
                 job.zero_fill = true; // no handler, no gate check
-                job.deadline = Some(Instant::now() + self.shared.retry_timeout);
+                job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
                 self.mark_inflight(&job);
                 self.watch(&mut job);
                 self.parked.push(job);
@@ -207,7 +202,7 @@ impl<H: FaultHandler> Reader<H> {
 
     /// Keeps a finished job (and its buffer) for the next fault.
     pub(super) fn recycle(&mut self, job: Box<Job>) {
-        if self.spare.len() < self.shared.concurrency {
+        if self.spare.len() < self.shared.config.concurrency {
             self.spare.push(job);
         }
     }
@@ -232,7 +227,7 @@ impl<H: FaultHandler> Reader<H> {
             match outcome {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
                     let cause: Cause =
-                        Arc::new(ServeError::KeptChanging(self.shared.retry_timeout));
+                        Arc::new(ServeError::KeptChanging(self.shared.config.retry_timeout));
                     if job.runs[0].resolution == Some(Resolution::Poison) {
                         // Even poisoning cannot get through: give up on it.
                         self.unwatch(&mut job);

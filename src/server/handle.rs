@@ -1,12 +1,13 @@
 //! The handle to a spawned server.
 
-use super::policy::ServerExit;
-use super::stop::StopSignal;
 use std::sync::Arc;
 
 use crate::asyncfd::AsyncUffd;
 use crate::error::{Error, Result};
 use crate::stats::{Stats, StatsSnapshot};
+
+use super::policy::ServerExit;
+use super::stop::StopSignal;
 
 /// A handle to a spawned [`Server`](crate::Server): its statistics, and a graceful stop.
 ///

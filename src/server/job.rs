@@ -1,6 +1,5 @@
 //! A fault and the runs of pages resolved for it.
 
-use super::MAX_RUNS;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,6 +7,8 @@ use crate::error::{Error, FailureAction, FaultFailure};
 use crate::event::PageFault;
 use crate::handler::Resolution;
 use crate::layout::SourceId;
+
+use super::MAX_RUNS;
 
 /// A contiguous run of pages resolved together.
 #[derive(Debug, Clone, Copy, Default)]

@@ -2,7 +2,7 @@
 //! owns every kernel edge case around it.
 //!
 //! One file per part: [`Server`], its builder and entry points here; the
-//! handle ([`handle`]), stopping ([`stop`]), the reader's loop and events
+//! handle (`handle`), stopping (`stop`), the reader's loop and events
 //! (`reader`), planning faults on the page map (`plan`), jobs (`job`),
 //! running and applying them (`resolve`), finishing them (`finish`), what
 //! tasks share (`shared`), the policies (`policy`) and the stall watchdog
@@ -22,24 +22,22 @@ mod watchdog;
 pub use handle::ServerHandle;
 pub use policy::{FailurePolicy, ForkPolicy, ServerExit};
 
-use reader::Reader;
-use shared::Shared;
 use std::collections::HashSet;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
-use stop::StopOnDrop;
-use stop::StopSignal;
 
 use crate::asyncfd::AsyncUffd;
 use crate::error::{Error, Result};
-use crate::flags::Features;
-use crate::gate::RemovalGate;
 use crate::handler::FaultHandler;
 use crate::layout::{Layout, Region};
 use crate::stats::Stats;
 use crate::trace;
+
+use reader::Reader;
+use shared::{Config, Shared};
+use stop::{StopOnDrop, StopSignal};
 use watchdog::{StallBoard, Watchdog};
 
 /// Serves the faults of one userfaultfd with a [`FaultHandler`].
@@ -326,14 +324,8 @@ impl<H: FaultHandler> Server<H> {
         watch: Result<Option<(Arc<StallBoard>, Watchdog)>>,
     ) -> Result<ServerExit> {
         let watch = watch?;
-        let page_size = self.uffd.page_size();
-        let tracks_removal = self.uffd.features().contains(Features::EVENT_REMOVE);
-        let stream = self.uffd.event_stream_with_batch(self.batch)?;
-        let shared = Arc::new(Shared {
-            uffd: self.uffd,
-            handler: self.handler,
-            stats: self.stats,
-            page_size,
+        let config = Config {
+            page_size: self.uffd.page_size(),
             failure: self.failure,
             fork: self.fork,
             retry_timeout: self.retry_timeout,
@@ -341,8 +333,9 @@ impl<H: FaultHandler> Server<H> {
             concurrency: self.concurrency,
             batch: self.batch,
             child_probe: self.child_probe,
-            gate: tracks_removal.then(|| Arc::new(RemovalGate::default())),
-        });
+        };
+        let stream = self.uffd.event_stream_with_batch(self.batch)?;
+        let shared = Arc::new(Shared::new(self.uffd, self.handler, self.stats, config));
         let span = trace::server_span(shared.uffd.uffd().as_raw_fd(), self.regions.len(), false);
         let mut reader = Reader::new(
             shared,

@@ -1,11 +1,6 @@
 //! Planning a fault on the page map: duplicates, freed pages, the
 //! fault-around window; and starting its job.
 
-use super::job::{new_job, Done, Job, Run};
-use super::policy::ServerExit;
-use super::reader::Reader;
-use super::resolve::{apply_and_account, decide_direct, execute};
-use super::{MAX_RUNS, MAX_WINDOW_BYTES};
 use std::future::Future;
 use std::task::Poll;
 use std::time::Instant;
@@ -16,6 +11,12 @@ use crate::handler::{FaultHandler, Resolution};
 use crate::layout::SourceId;
 use crate::stats::Stats;
 use crate::trace;
+
+use super::job::{new_job, Done, Job, Run};
+use super::policy::ServerExit;
+use super::reader::Reader;
+use super::resolve::{apply_and_account, decide_direct, execute};
+use super::{MAX_RUNS, MAX_WINDOW_BYTES};
 
 impl<H: FaultHandler> Reader<H> {
     pub(super) async fn on_fault(&mut self, fault: PageFault) -> Result<Option<ServerExit>> {
@@ -75,13 +76,7 @@ impl<H: FaultHandler> Reader<H> {
             .watch
             .as_ref()
             .map(|(board, _)| board.begin(addr, thread));
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        self.inflight += 1;
+        let permit = self.take_slot().await;
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut done = work.await;
@@ -95,7 +90,7 @@ impl<H: FaultHandler> Reader<H> {
 
     /// Decides what to resolve for `fault`; `None` for a duplicate.
     pub(super) fn plan(&mut self, fault: PageFault, read_at: Instant) -> Option<Box<Job>> {
-        let base = self.shared.page_size;
+        let base = self.shared.config.page_size;
         let generation = self.shared.gate.as_ref().map_or(0, |g| g.generation());
         let Some(ri) = self.layout.find(fault.address) else {
             // Outside every region: the page alone, base page size.
@@ -172,7 +167,11 @@ impl<H: FaultHandler> Reader<H> {
         }
         // The aligned window around the page, clipped to the region.
         let window = if missing {
-            self.shared.prefetch.min(MAX_WINDOW_BYTES / ps).max(1)
+            self.shared
+                .config
+                .prefetch
+                .min(MAX_WINDOW_BYTES / ps)
+                .max(1)
         } else {
             1
         };

@@ -1,11 +1,6 @@
 //! The reading side of a server: its loop, the events it applies and
 //! the forked children it serves.
 
-use super::job::{Done, Job};
-use super::policy::{ForkPolicy, ServerExit};
-use super::shared::Shared;
-use super::stop::{StopSignal, StopWait};
-use super::{thread_id, STOP_DRAIN_READS};
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -13,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Semaphore};
 
-use super::watchdog::{StallBoard, Watchdog};
 use crate::asyncfd::{AsyncUffd, EventStream};
 use crate::error::Result;
 use crate::event::{Event, PageFault};
@@ -22,6 +16,13 @@ use crate::handler::FaultHandler;
 use crate::layout::{Layout, LoosePages, PageHash};
 use crate::stats::Stats;
 use crate::trace;
+
+use super::job::{Done, Job};
+use super::policy::{ForkPolicy, ServerExit};
+use super::shared::Shared;
+use super::stop::{StopSignal, StopWait};
+use super::watchdog::{StallBoard, Watchdog};
+use super::{thread_id, STOP_DRAIN_READS};
 
 /// The reading side of a server: owns the page state and every decision.
 // Jobs stay boxed in its lists: they move between the lists, tasks and the
@@ -71,7 +72,7 @@ impl<H: FaultHandler> Reader<H> {
         child_probe: Option<Duration>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let permits = Arc::new(Semaphore::new(shared.concurrency));
+        let permits = Arc::new(Semaphore::new(shared.config.concurrency));
         let forks = shared.uffd.features().contains(Features::EVENT_FORK);
         Self {
             shared,
@@ -207,6 +208,18 @@ impl<H: FaultHandler> Reader<H> {
         }
     }
 
+    /// Waits for a concurrency permit for a job about to run in a task.
+    pub(super) async fn take_slot(&mut self) -> tokio::sync::OwnedSemaphorePermit {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        self.inflight += 1;
+        permit
+    }
+
     /// Puts `job` on the stall board, if there is one and it is not on yet.
     pub(super) fn watch(&self, job: &mut Job) {
         if let (None, Some((board, _))) = (job.watch, &self.watch) {
@@ -295,7 +308,8 @@ impl<H: FaultHandler> Reader<H> {
                 trace::event!(debug, start = %format_args!("{:#x}", r.start), end = %format_args!("{:#x}", r.end), "remove");
                 Stats::add(&stats.removes, 1);
                 self.layout.remove(r.start, r.end);
-                self.loose.remove(r.start, r.end, self.shared.page_size);
+                self.loose
+                    .remove(r.start, r.end, self.shared.config.page_size);
                 self.shared.handler.on_remove(r.start, r.end);
             }
             Event::Unmap(u) => {
@@ -323,7 +337,7 @@ impl<H: FaultHandler> Reader<H> {
                         child_uffd = fork.uffd().as_raw_fd(),
                         "a process forked while the server was stopping: its child's memory is not served"
                     );
-                } else if self.shared.fork == ForkPolicy::Serve {
+                } else if self.shared.config.fork == ForkPolicy::Serve {
                     trace::event!(
                         debug,
                         child_uffd = fork.uffd().as_raw_fd(),
@@ -357,8 +371,8 @@ impl<H: FaultHandler> Reader<H> {
         }
         let span = trace::server_span(uffd.uffd().as_raw_fd(), layout.regions.len(), true);
         let shared = Arc::new(self.shared.for_child(uffd.clone()));
-        let stream = uffd.event_stream_with_batch(self.shared.batch)?;
-        let probe = Some(shared.child_probe);
+        let stream = uffd.event_stream_with_batch(self.shared.config.batch)?;
+        let probe = Some(shared.config.child_probe);
         let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone(), probe);
         let stats = self.shared.stats.clone();
         self.children.retain(|c| !c.is_finished());

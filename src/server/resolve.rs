@@ -1,8 +1,5 @@
 //! Running the handler for a job and applying its resolutions.
 
-use super::job::{failure, Cause, Job, Outcome, Run, ServeError};
-use super::shared::Shared;
-use super::MAX_WINDOW_BYTES;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -13,6 +10,10 @@ use crate::flags::{ContinueFlags, CopyFlags, PoisonFlags, UnprotectFlags, Zeropa
 use crate::handler::{FaultHandler, FaultRequest, Resolution};
 use crate::stats::Stats;
 use crate::trace;
+
+use super::job::{failure, Cause, Job, Outcome, Run, ServeError};
+use super::shared::Shared;
+use super::MAX_WINDOW_BYTES;
 
 /// Calls the handler for every run of `job` that [`decide_direct`] left
 /// (once), then applies. A failed prefetch run is dropped; only a failure
@@ -178,7 +179,7 @@ pub(super) fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outco
                         uffd.copy(addr, &job.buf[from..from + len], flags)
                     }
                 }
-                Resolution::Zero if page_size > shared.page_size => {
+                Resolution::Zero if page_size > shared.config.page_size => {
                     // hugetlbfs has no zeropage: copy zeros.
                     let flags = when(dontwake, CopyFlags::DONTWAKE);
                     match zeros(len) {

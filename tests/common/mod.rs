@@ -395,6 +395,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Stops a server (at most `BOUND`), checks that it ended with
 /// `ServerExit::Stopped`, and returns its final statistics.
+#[cfg(feature = "async")]
 pub async fn final_stats(handle: tokio_uffd::ServerHandle) -> tokio_uffd::StatsSnapshot {
     let stats = handle.stats_ref();
     let exit = tokio::time::timeout(BOUND, handle.shutdown())
@@ -465,4 +466,93 @@ pub fn recv_fd(sock: &std::os::unix::net::UnixStream) -> (OwnedFd, Vec<u8>) {
     data.truncate(n);
     // SAFETY: the kernel just installed the fd in our table for us.
     (unsafe { OwnedFd::from_raw_fd(fds[0]) }, data)
+}
+
+/// A count of `/proc/self/fdinfo/<fd>` for a userfaultfd: `"pending"`
+/// (faults queued, not read) or `"total"` (those and the faults read whose
+/// threads still sleep).
+pub fn fdinfo_count(fd: RawFd, what: &str) -> usize {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{what}: in the userfaultfd's fdinfo"))
+}
+
+/// What thread `tid` of this process sleeps in (`/proc/.../wchan`): for
+/// example `handle_userfault`, or `userfaultfd_...` for a fork or madvise
+/// waiting for its event to be read.
+pub fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// A handler that serves the test image (from memory, without a task),
+/// except that the pages in `held` wait in `fault` until the test opens
+/// them (`open.add_permits`): the deterministic way to hold a fault in
+/// flight, or the server's only concurrency permit. `calls` counts the
+/// calls of `fault`. With `wake_held`, held pages are only woken (the test
+/// fills them itself).
+#[cfg(feature = "async")]
+pub struct HeldPages {
+    pub image: tokio_uffd::MemorySource,
+    pub held: Vec<usize>,
+    pub wake_held: bool,
+    pub open: tokio::sync::Semaphore,
+    pub calls: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(feature = "async")]
+impl HeldPages {
+    /// Serves `image(len)`, holding the pages at `held`.
+    pub fn new(len: usize, held: impl IntoIterator<Item = usize>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            image: tokio_uffd::MemorySource::new(image(len)),
+            held: held.into_iter().collect(),
+            wake_held: false,
+            open: tokio::sync::Semaphore::new(0),
+            calls: Default::default(),
+        })
+    }
+
+    /// The calls of `fault` so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(feature = "async")]
+impl tokio_uffd::FaultHandler for HeldPages {
+    fn bytes_for(&self, req: &tokio_uffd::FaultRequest) -> Option<&[u8]> {
+        use tokio_uffd::PageSource;
+        if self.held.contains(&req.addr) {
+            return None;
+        }
+        self.image.bytes_at(req.offset, req.len)
+    }
+
+    async fn fault<'a>(
+        &'a self,
+        req: &'a tokio_uffd::FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<tokio_uffd::Resolution, tokio_uffd::HandlerError> {
+        use tokio_uffd::PageSource;
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.held.contains(&req.addr) {
+            tokio::time::timeout(BOUND, self.open.acquire())
+                .await
+                .map_err(|_| "the test never opened the held pages")??
+                .forget();
+            if self.wake_held {
+                return Ok(tokio_uffd::Resolution::Wake);
+            }
+        }
+        self.image.read_at(req.offset, buf).await?;
+        Ok(tokio_uffd::Resolution::Copy)
+    }
 }
