@@ -192,6 +192,53 @@ impl Deref for AsyncUffd {
 /// [`poll_event`](Self::poll_event), [`next_event`](Self::next_event), and
 /// the `Stream` impl.
 ///
+/// # Example
+///
+/// The stream in a `select!` beside a shutdown signal, resolving each fault
+/// from the loop (a [`Server`](crate::Server) does this, and more, for you):
+///
+/// ```
+/// use tokio_uffd::{AsyncUffd, Event, RegisterMode, Uffd, ZeropageFlags};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let uffd = Uffd::new()?;
+/// let page = uffd.page_size();
+/// // SAFETY: a fresh anonymous mapping that nothing else uses.
+/// let mem = unsafe {
+///     libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+/// };
+/// assert_ne!(mem, libc::MAP_FAILED);
+/// let addr = mem as usize;
+/// // SAFETY: the mapping is ours, no reference into it exists, and only the
+/// // loop below fills it.
+/// unsafe { uffd.register(addr, page, RegisterMode::MISSING)? };
+/// let uffd = AsyncUffd::new(uffd)?;
+/// let mut events = uffd.event_stream()?;
+///
+/// let (done_tx, mut done) = tokio::sync::oneshot::channel();
+/// // A plain thread touches the memory (never the runtime's own thread).
+/// std::thread::spawn(move || {
+///     let v = unsafe { *(addr as *const u8) };
+///     let _ = done_tx.send(v);
+/// });
+/// let value = loop {
+///     tokio::select! {
+///         event = events.next_event() => {
+///             if let Event::PageFault(fault) = event? {
+///                 uffd.zeropage(fault.page_start(page), page, ZeropageFlags::empty())?;
+///             }
+///         }
+///         v = &mut done => break v?,
+///     }
+/// };
+/// assert_eq!(value, 0);
+/// # unsafe { libc::munmap(mem, page) };
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Cancel safety
 ///
 /// Messages live in the stream, never in a future: dropping a pending

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+#[cfg(feature = "async")]
 use std::sync::Arc;
 
 use crate::flags::Features;
@@ -254,11 +255,13 @@ pub enum Error {
     /// to stop (or to poison, and poisoning failed). The [`FaultFailure`]
     /// names the page, the source offset and the cause, which is this
     /// error's [`source`](std::error::Error::source).
+    #[cfg(feature = "async")]
     #[error(transparent)]
     Handler(Box<FaultFailure>),
 
     /// A region given to [`Server::regions`](crate::Server::regions) is
     /// unusable.
+    #[cfg(feature = "async")]
     #[error(
         "invalid region {:#x}..{:#x} (page size {}, {}, offset {:#x}): {problem}",
         region.start(), region.end(), region.page_size, region.source(), region.offset()
@@ -312,6 +315,7 @@ pub enum Error {
 /// The server records the first and the latest of these in its
 /// [`Stats`](crate::Stats), and returns one in [`Error::Handler`] when its
 /// failure policy ends it.
+#[cfg(feature = "async")]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FaultFailure {
@@ -332,6 +336,7 @@ pub struct FaultFailure {
 }
 
 /// What the server did with a fault it could not serve.
+#[cfg(feature = "async")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailureAction {
@@ -347,6 +352,7 @@ pub enum FailureAction {
     Stopped,
 }
 
+#[cfg(feature = "async")]
 impl FailureAction {
     fn describe(self) -> &'static str {
         match self {
@@ -358,6 +364,7 @@ impl FailureAction {
     }
 }
 
+#[cfg(feature = "async")]
 impl fmt::Display for FaultFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -374,6 +381,7 @@ impl fmt::Display for FaultFailure {
     }
 }
 
+#[cfg(feature = "async")]
 impl std::error::Error for FaultFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.cause)
@@ -467,11 +475,14 @@ impl Error {
                 io::ErrorKind::WouldBlock => ErrorKind::WouldBlock,
                 _ => ErrorKind::Other,
             },
-            Error::NotUffd { .. } | Error::InvalidRegion { .. } => ErrorKind::InvalidInput,
+            Error::NotUffd { .. } => ErrorKind::InvalidInput,
+            #[cfg(feature = "async")]
+            Error::InvalidRegion { .. } => ErrorKind::InvalidInput,
+            #[cfg(feature = "async")]
+            Error::Handler(_) => ErrorKind::Other,
             Error::PartialMessage { .. }
             | Error::UnknownEvent { .. }
             | Error::BadMessage { .. }
-            | Error::Handler(_)
             | Error::Server { .. }
             | Error::StreamExists
             | Error::Os { .. } => ErrorKind::Other,

@@ -15,6 +15,48 @@ use crate::uffd::{Parent, ReadError, Uffd};
 /// Page faults are the common case; the others need their feature
 /// (`EVENT_FORK`, `EVENT_REMAP`, `EVENT_REMOVE`, `EVENT_UNMAP`) and report
 /// changes to the registered memory that a handler must track.
+///
+/// # Example
+///
+/// What a handler of its own does with each kind:
+///
+/// ```
+/// use std::collections::HashSet;
+/// use tokio_uffd::{Event, Uffd, ZeropageFlags};
+///
+/// /// Serves zeros, and remembers which pages it served.
+/// fn handle(uffd: &Uffd, served: &mut HashSet<usize>, event: Event) -> tokio_uffd::Result<()> {
+///     let page = uffd.page_size();
+///     match event {
+///         Event::PageFault(fault) => {
+///             let at = fault.page_start(page);
+///             match uffd.zeropage(at, page, ZeropageFlags::empty()) {
+///                 Ok(_) => {}
+///                 // Already there: the kernel did not wake the waiters.
+///                 Err(e) if e.kind() == tokio_uffd::ErrorKind::Exists => uffd.wake(at, page)?,
+///                 Err(e) => return Err(e),
+///             }
+///             served.insert(at);
+///         }
+///         // Freed by the owner: never serve the old contents there again.
+///         Event::Remove(r) => served.retain(|&p| p < r.start || p >= r.end),
+///         Event::Unmap(u) => served.retain(|&p| p < u.start || p >= u.end),
+///         Event::Remap(r) => {
+///             let moved: Vec<usize> =
+///                 served.iter().copied().filter(|&p| p >= r.from && p < r.from + r.len).collect();
+///             for p in moved {
+///                 served.remove(&p);
+///                 served.insert(p - r.from + r.to);
+///             }
+///         }
+///         // The child's userfaultfd: serve it too, or drop it (closing it).
+///         Event::Fork(fork) => drop(fork.into_uffd()),
+///         // Kinds of later kernels.
+///         _ => {}
+///     }
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Event {
@@ -332,6 +374,7 @@ impl EventBuffer {
     }
 
     /// The ranges of the Remove messages read but not yet taken.
+    #[cfg(feature = "async")]
     pub(crate) fn unread_removes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (self.head..self.tail).filter_map(|i| {
             // SAFETY: messages `head..tail` are initialised.

@@ -60,6 +60,76 @@ pub enum Resolution {
 ///
 /// Only [`fault`](Self::fault) is required; the `on_*` methods see the
 /// non-fault events after the server has updated its own state.
+///
+/// # Example
+///
+/// A handler of your own: pages of the first half come from memory (copied
+/// straight from it, without a task), the second half is fetched
+/// asynchronously, and a source error becomes the server's failure
+/// policy (by default the faulting thread gets `SIGBUS`, and
+/// [`Stats::first_failure`](crate::Stats::first_failure) says why).
+///
+/// ```
+/// use tokio_uffd::{
+///     AsyncUffd, FaultHandler, FaultRequest, HandlerError, Region, RegisterMode, Resolution,
+///     Server, Uffd,
+/// };
+///
+/// struct HalfAndHalf {
+///     first_half: Vec<u8>,
+/// }
+///
+/// impl FaultHandler for HalfAndHalf {
+///     // In memory already: the server copies from here, no future at all.
+///     fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+///         let at = req.offset as usize;
+///         self.first_half.get(at..at + req.len)
+///     }
+///
+///     async fn fault<'a>(
+///         &'a self,
+///         req: &'a FaultRequest,
+///         buf: &'a mut [u8],
+///     ) -> Result<Resolution, HandlerError> {
+///         // Stands in for a read from a file, a socket, an object store.
+///         tokio::task::yield_now().await;
+///         buf.fill((req.offset / req.page_size as u64) as u8);
+///         Ok(Resolution::Copy)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let uffd = Uffd::new()?;
+/// let page = uffd.page_size();
+/// let len = 4 * page;
+/// // SAFETY: a fresh anonymous mapping that nothing else uses.
+/// let mem = unsafe {
+///     libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+/// };
+/// assert_ne!(mem, libc::MAP_FAILED);
+/// let base = mem as usize;
+/// // SAFETY: the mapping is ours, no reference into it exists, and only the
+/// // server fills it.
+/// unsafe { uffd.register(base, len, RegisterMode::MISSING)? };
+///
+/// let handler = HalfAndHalf { first_half: vec![7; len / 2] };
+/// let server = Server::new(AsyncUffd::new(uffd)?, handler)
+///     .regions([Region::new(base..base + len)])?
+///     .spawn();
+/// // Touch the memory from a plain thread, never from the server's runtime.
+/// let bytes = tokio::task::spawn_blocking(move || {
+///     (0..4).map(|p| unsafe { *((base + p * page) as *const u8) }).collect::<Vec<_>>()
+/// })
+/// .await?;
+/// assert_eq!(bytes, [7, 7, 2, 3]);
+/// assert_eq!(server.stats().pages_served, 4);
+/// server.shutdown().await?;
+/// # unsafe { libc::munmap(mem, len) };
+/// # Ok(())
+/// # }
+/// ```
 pub trait FaultHandler: Send + Sync + 'static {
     /// Resolves `req`. For [`Resolution::Copy`], first fill `buf`
     /// (`req.len` bytes).

@@ -6,29 +6,37 @@
 //! [`Event`]s and resolves them with every userfaultfd ioctl of current
 //! kernels: copy, zeropage, continue, wake, write-protect, poison and move.
 //!
-//! The layers, lowest first, each usable on its own:
+//! The layers, lowest first, each usable on its own (imports go down, never
+//! up):
 //!
-//! - [`sys`]: the kernel ABI, by hand, with compile-time layout checks.
-//! - [`Uffd`] and [`UffdBuilder`]: the fd, feature negotiation, and every
-//!   ioctl as a typed, checked method; [`EventBuffer`] for blocking-free
-//!   batch reads of [`Event`]s.
-//! - [`AsyncUffd`] and [`EventStream`]: the fd on Tokio's reactor and a
-//!   [`Stream`](futures::Stream) of events.
-//! - [`Server`], [`FaultHandler`] and [`PageSource`]: say where page
-//!   contents come from; the server resolves every fault from spawned tasks
-//!   and handles the kernel's edge cases (duplicates, `EEXIST`, `EAGAIN`,
-//!   removed, remapped and unmapped ranges, forks, failures, prefetch).
+//! - **The sync core** (always built; `--no-default-features` builds only
+//!   this, without Tokio or futures):
+//!   - [`sys`]: the kernel ABI, by hand, with compile-time layout checks.
+//!   - [`Uffd`] and [`UffdBuilder`]: the fd, feature negotiation, and every
+//!     ioctl as a typed, checked method.
+//!   - [`Event`], [`EventBuffer`] and [`decode_message`]: whole messages read
+//!     in batches and decoded into typed events.
+//! - **The async layer** (feature `async`, on by default): `AsyncUffd` and
+//!   `EventStream`, the fd on Tokio's reactor and a `futures::Stream` of
+//!   events.
+//! - **The fault server** (feature `async`): `Server`, `FaultHandler`,
+//!   `PageSource` and `Region`: say where page contents come from; the
+//!   server resolves every fault from spawned tasks and handles the kernel's
+//!   edge cases (duplicates, `EEXIST`, `EAGAIN`, removed, remapped and
+//!   unmapped ranges, forks, failures, prefetch), with statistics, a stall
+//!   watchdog and `tracing` events (feature `tracing`, on by default).
 //!
 //! # Example
 //!
 //! Serve zero-filled pages to a thread that touches fresh memory:
 //!
 //! ```
+//! # #[cfg(feature = "async")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use futures::StreamExt;
 //! use tokio_uffd::{AsyncUffd, Event, RegisterMode, Uffd, ZeropageFlags};
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let uffd = Uffd::new()?;
 //! let page = uffd.page_size();
 //! let len = 4 * page;
@@ -70,6 +78,8 @@
 //! # unsafe { libc::munmap(mem, len) };
 //! # Ok(())
 //! # }
+//! # #[cfg(not(feature = "async"))]
+//! # fn main() {}
 //! ```
 //!
 //! # Userfaultfd gotchas
@@ -124,23 +134,15 @@
 #![cfg(target_os = "linux")]
 #![warn(rust_2018_idioms)]
 
-mod asyncfd;
+// The sync core: the ABI, the userfaultfd and its ioctls, events. Needs no
+// runtime (`--no-default-features` builds only this).
 mod error;
 mod event;
 mod flags;
-mod gate;
-mod handler;
-mod layout;
-mod region;
-mod server;
-mod source;
-mod stats;
 pub mod sys;
-mod trace;
 mod uffd;
 
-pub use asyncfd::{AsyncUffd, EventStream};
-pub use error::{error_chain, Error, ErrorKind, FailureAction, FaultFailure, Op, Result};
+pub use error::{error_chain, Error, ErrorKind, Op, Result};
 pub use event::{
     decode_message, Event, EventBuffer, FaultKind, Fork, PageFault, RawEvent, Remap, Remove, Unmap,
     DEFAULT_BATCH,
@@ -149,14 +151,49 @@ pub use flags::{
     ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PageFaultFlags, PoisonFlags,
     RegisterMode, UnprotectFlags, ZeropageFlags,
 };
-pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHandler};
-pub use region::{Region, SourceId};
-pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
-pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
-pub use stats::{Latency, Stall, Stats, StatsSnapshot};
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};
 
+// The async layer: the userfaultfd on Tokio's reactor and a `Stream` of its
+// events (feature `async`, on by default).
+#[cfg(feature = "async")]
+mod asyncfd;
+#[cfg(feature = "async")]
+mod gate;
+
+#[cfg(feature = "async")]
+pub use asyncfd::{AsyncUffd, EventStream};
+
+// The fault server and what it is built from: handlers, page sources,
+// regions, statistics (feature `async`).
+#[cfg(feature = "async")]
+mod handler;
+#[cfg(feature = "async")]
+mod layout;
+#[cfg(feature = "async")]
+mod region;
+#[cfg(feature = "async")]
+mod server;
+#[cfg(feature = "async")]
+mod source;
+#[cfg(feature = "async")]
+mod stats;
+#[cfg(feature = "async")]
+mod trace;
+
+#[cfg(feature = "async")]
+pub use error::{FailureAction, FaultFailure};
+#[cfg(feature = "async")]
+pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHandler};
+#[cfg(feature = "async")]
+pub use region::{Region, SourceId};
+#[cfg(feature = "async")]
+pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
+#[cfg(feature = "async")]
+pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
+#[cfg(feature = "async")]
+pub use stats::{Latency, Stall, Stats, StatsSnapshot};
+
 /// The README's code, compiled as a doctest.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "async"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

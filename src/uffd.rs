@@ -55,6 +55,47 @@ pub(crate) struct Parent {
 /// Addresses and lengths are plain `usize`s in the address space of the
 /// process that registered the memory, which need not be this one.
 ///
+/// # Example
+///
+/// A handler thread of its own, with the sync API only: register fresh
+/// memory, let a thread touch it, read its fault and fill the page.
+///
+/// ```
+/// use tokio_uffd::{CopyFlags, Event, EventBuffer, RegisterMode, UffdBuilder};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Blocking: `read_events` waits for the first message by itself.
+/// let uffd = UffdBuilder::new().blocking(true).create()?;
+/// let page = uffd.page_size();
+/// // SAFETY: a fresh anonymous mapping that nothing else uses.
+/// let mem = unsafe {
+///     libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+/// };
+/// assert_ne!(mem, libc::MAP_FAILED);
+/// let addr = mem as usize;
+/// // SAFETY: the mapping is ours, no reference into it exists, and only
+/// // this handler fills it.
+/// unsafe { uffd.register(addr, page, RegisterMode::MISSING)? };
+///
+/// // Touch it from a plain thread: it sleeps until the page is filled.
+/// let reader = std::thread::spawn(move || unsafe { *((addr + 10) as *const u8) });
+///
+/// let mut events = EventBuffer::new(16);
+/// uffd.read_events(&mut events)?;
+/// while let Some(event) = events.next_event() {
+///     if let Event::PageFault(fault) = event? {
+///         let contents = vec![42u8; page];
+///         // Copies the page in and wakes the faulting thread.
+///         uffd.copy(fault.page_start(page), &contents, CopyFlags::empty())?;
+///     }
+/// }
+/// assert_eq!(reader.join().unwrap(), 42);
+/// # unsafe { libc::munmap(mem, page) };
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # References
 ///
 /// - `userfaultfd(2)`, `ioctl_userfaultfd(2)`
@@ -145,6 +186,15 @@ impl UffdBuilder {
     /// the handler. That closes a known kernel-exploit primitive and lets
     /// unprivileged processes create userfaultfds. Kernels before 5.11 lack
     /// the flag; it is dropped there automatically.
+    ///
+    /// **A VMM, or any program whose memory the kernel touches on its
+    /// behalf, must pass `false`.** KVM reading or writing guest memory,
+    /// `read(2)`/`recv(2)` into registered memory, `O_DIRECT` I/O and
+    /// io_uring all fault in kernel mode: with the default those accesses
+    /// fail (`EFAULT` from the system call, or a guest that cannot run)
+    /// instead of waiting for the handler. Creating such a userfaultfd needs
+    /// `/dev/userfaultfd` access, `CAP_SYS_PTRACE`, or
+    /// `vm.unprivileged_userfaultfd = 1`.
     pub fn user_mode_only(mut self, yes: bool) -> Self {
         self.user_mode_only = yes;
         self

@@ -29,9 +29,9 @@ use std::time::Instant;
 
 use common::*;
 use tokio_uffd::{
-    sys, AsyncUffd, ContinueFlags, CopyFlags, CreateMethod, Error, ErrorKind, Event, EventBuffer,
-    FaultKind, Features, Ioctls, MoveFlags, PageFault, PoisonFlags, RegisterMode, Uffd,
-    UffdBuilder, UnprotectFlags, ZeropageFlags,
+    sys, ContinueFlags, CopyFlags, CreateMethod, Error, ErrorKind, Event, EventBuffer, FaultKind,
+    Features, Ioctls, MoveFlags, PageFault, PoisonFlags, RegisterMode, Uffd, UffdBuilder,
+    UnprotectFlags, ZeropageFlags,
 };
 
 // ---------------------------------------------------------------------------
@@ -399,16 +399,21 @@ impl<S> Served<S> {
 
 /// A handler serving the events of one userfaultfd through the crate's
 /// async layer: an `AsyncUffd` and its `EventStream` on a current-thread
-/// Tokio runtime of a thread of its own.
+/// Tokio runtime of a thread of its own. (Without the `async` feature, the
+/// same through the sync API: `wait_readable` and `read_events`.)
 struct AsyncServed<S> {
+    #[cfg(feature = "async")]
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    #[cfg(not(feature = "async"))]
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Bounded<S>,
 }
 
+#[cfg(feature = "async")]
 fn serve_async<S, F>(uffd: Uffd, mut state: S, mut f: F) -> AsyncServed<S>
 where
     S: Send + 'static,
-    F: FnMut(&AsyncUffd, &mut S, Event) + Send + 'static,
+    F: FnMut(&Uffd, &mut S, Event) + Send + 'static,
 {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = bounded("the async handler thread", move || {
@@ -417,7 +422,7 @@ where
             .build()
             .unwrap();
         rt.block_on(async move {
-            let uffd = AsyncUffd::new(uffd).unwrap();
+            let uffd = tokio_uffd::AsyncUffd::new(uffd).unwrap();
             let mut events = uffd.event_stream().unwrap();
             loop {
                 tokio::select! {
@@ -440,9 +445,54 @@ where
     }
 }
 
+#[cfg(not(feature = "async"))]
+fn serve_async<S, F>(uffd: Uffd, mut state: S, mut f: F) -> AsyncServed<S>
+where
+    S: Send + 'static,
+    F: FnMut(&Uffd, &mut S, Event) + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = bounded("the handler thread", move || {
+        let mut buf = EventBuffer::new(16);
+        let deadline = std::time::Instant::now() + BOUND;
+        while !stopped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no stop within {BOUND:?}"
+            );
+            if !uffd
+                .wait_readable(Some(std::time::Duration::from_millis(5)))
+                .unwrap()
+            {
+                continue;
+            }
+            uffd.read_events(&mut buf).unwrap();
+            while let Some(e) = buf.next_event() {
+                f(&uffd, &mut state, e.expect("an event"));
+            }
+        }
+        // Stopped with nothing left over.
+        assert!(
+            !uffd.wait_readable(Some(std::time::Duration::ZERO)).unwrap(),
+            "an event left over"
+        );
+        state
+    });
+    AsyncServed { stop, thread }
+}
+
 impl<S> AsyncServed<S> {
+    #[cfg(feature = "async")]
     fn finish(mut self) -> S {
         let _ = self.stop.take().unwrap().send(());
+        self.thread.wait()
+    }
+
+    #[cfg(not(feature = "async"))]
+    fn finish(self) -> S {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.thread.wait()
     }
 }

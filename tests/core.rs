@@ -116,11 +116,14 @@ fn a_blocking_uffd_waits_in_read_events_until_a_fault_comes() {
     assert_eq!(reader.recv_timeout(BOUND).unwrap(), 0);
 
     // The reactor needs it non-blocking: AsyncUffd makes it so.
-    let uffd = std::sync::Arc::into_inner(uffd).unwrap();
-    let rt = current_thread_rt();
-    let fd = uffd.as_raw_fd();
-    let _async = rt.block_on(async move { tokio_uffd::AsyncUffd::new(uffd).unwrap() });
-    assert!(is_nonblocking(fd), "AsyncUffd left the uffd blocking");
+    #[cfg(feature = "async")]
+    {
+        let uffd = std::sync::Arc::into_inner(uffd).unwrap();
+        let rt = current_thread_rt();
+        let fd = uffd.as_raw_fd();
+        let _async = rt.block_on(async move { tokio_uffd::AsyncUffd::new(uffd).unwrap() });
+        assert!(is_nonblocking(fd), "AsyncUffd left the uffd blocking");
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Runs every example (with small sizes) and checks what it reports, and
 //! plays Firecracker's part against the Firecracker-protocol handler.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

@@ -7,6 +7,8 @@
 //! process, and any fork in a process whose userfaultfd has `EVENT_FORK`
 //! waits for a reader, so nothing may run beside it.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::time::Duration;

@@ -4,6 +4,8 @@
 //! process where nothing else opens fds meanwhile, so this file holds a
 //! single test.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::os::fd::AsRawFd;

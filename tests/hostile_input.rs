@@ -8,16 +8,11 @@
 mod common;
 
 use std::os::fd::IntoRawFd;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio_uffd::{
-    decode_message, AsyncUffd, ErrorKind, Event, EventBuffer, FailurePolicy, FaultHandler,
-    FaultRequest, Features, HandlerError, MemorySource, RawEvent, Region, RegisterMode, Resolution,
-    Server, SourceHandler, UffdBuilder,
-};
+use tokio_uffd::{decode_message, ErrorKind, Event, EventBuffer, Features, RawEvent, RegisterMode};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -196,95 +191,107 @@ fn misuse_gives_errors_that_say_what_is_wrong() {
     assert!(err.to_string().contains("page size"), "{err}");
 }
 
-/// Fails the first attempt at every third page, then serves the image.
-///
-/// Keyed by address, not by a call counter: with a counter, jobs that retry
-/// in lockstep can land on the failing calls every time, run out of
-/// attempts and poison a page, which this test must not do.
-struct Flaky {
-    failed: Mutex<std::collections::HashSet<usize>>,
-    inner: SourceHandler<MemorySource>,
-}
-
-impl FaultHandler for Flaky {
-    async fn fault<'a>(
-        &'a self,
-        req: &'a FaultRequest,
-        buf: &'a mut [u8],
-    ) -> Result<Resolution, HandlerError> {
-        let first_try =
-            (req.addr / req.page_size) % 3 == 0 && self.failed.lock().unwrap().insert(req.addr);
-        if first_try {
-            return Err("flaky source".into());
-        }
-        self.inner.fault(req, buf).await
-    }
-}
-
-#[test]
-fn handler_failures_under_load_never_hang_a_thread() {
-    let _s = serial();
-    let Some(uffd) = try_uffd(UffdBuilder::new().want(Features::EVENT_REMOVE)) else {
-        return;
+/// The server under a flaky handler (the async layer).
+#[cfg(feature = "async")]
+mod server_under_load {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+    use tokio_uffd::{
+        AsyncUffd, FailurePolicy, FaultHandler, FaultRequest, HandlerError, MemorySource, Region,
+        Resolution, Server, SourceHandler, UffdBuilder,
     };
-    let page = uffd.page_size();
-    let pages = 512;
-    let len = pages * page;
-    let image: Vec<u8> = (0..len).map(|i| (i / page) as u8 ^ i as u8).collect();
-    let mem = Mapping::anon(len);
-    // SAFETY: fresh mapping served by the server below.
-    unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let handler = Flaky {
-            failed: Mutex::default(),
-            inner: SourceHandler::new(MemorySource::new(image.clone())),
+
+    /// Fails the first attempt at every third page, then serves the image.
+    ///
+    /// Keyed by address, not by a call counter: with a counter, jobs that retry
+    /// in lockstep can land on the failing calls every time, run out of
+    /// attempts and poison a page, which this test must not do.
+    struct Flaky {
+        failed: Mutex<std::collections::HashSet<usize>>,
+        inner: SourceHandler<MemorySource>,
+    }
+
+    impl FaultHandler for Flaky {
+        async fn fault<'a>(
+            &'a self,
+            req: &'a FaultRequest,
+            buf: &'a mut [u8],
+        ) -> Result<Resolution, HandlerError> {
+            let first_try =
+                (req.addr / req.page_size) % 3 == 0 && self.failed.lock().unwrap().insert(req.addr);
+            if first_try {
+                return Err("flaky source".into());
+            }
+            self.inner.fault(req, buf).await
+        }
+    }
+
+    #[test]
+    fn handler_failures_under_load_never_hang_a_thread() {
+        let _s = serial();
+        let Some(uffd) = try_uffd(UffdBuilder::new().want(Features::EVENT_REMOVE)) else {
+            return;
         };
-        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
-            .regions([Region::new(mem.addr..mem.addr + len)])
-            .unwrap()
-            .prefetch(4)
-            .on_failure(FailurePolicy::Retry {
-                attempts: 5,
-                backoff: Duration::from_micros(100),
-            })
-            .spawn();
-        let base = mem.addr;
-        let image = Arc::new(image);
-        let workers: Vec<_> = (0..6)
-            .map(|t| {
-                let image = image.clone();
-                thread::spawn(move || {
-                    for k in 0..pages {
-                        let p = (k * 7 + t * 13) % pages;
-                        let off = p * page + t;
-                        assert_eq!(read_at(base + off), image[off]);
-                    }
+        let page = uffd.page_size();
+        let pages = 512;
+        let len = pages * page;
+        let image: Vec<u8> = (0..len).map(|i| (i / page) as u8 ^ i as u8).collect();
+        let mem = Mapping::anon(len);
+        // SAFETY: fresh mapping served by the server below.
+        unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING) }.unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let handler = Flaky {
+                failed: Mutex::default(),
+                inner: SourceHandler::new(MemorySource::new(image.clone())),
+            };
+            let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
+                .regions([Region::new(mem.addr..mem.addr + len)])
+                .unwrap()
+                .prefetch(4)
+                .on_failure(FailurePolicy::Retry {
+                    attempts: 5,
+                    backoff: Duration::from_micros(100),
                 })
-            })
-            .collect();
-        tokio::time::timeout(
-            BOUND,
-            tokio::task::spawn_blocking(move || {
-                workers.into_iter().for_each(|w| w.join().unwrap())
-            }),
-        )
-        .await
-        .expect("a faulting thread hung")
-        .unwrap();
-        let stats = handle.stats_ref();
-        handle.shutdown().await.unwrap();
-        let s = stats.snapshot();
-        assert!(s.handler_failures > 0, "{s:?}");
-        assert_eq!(s.poisoned, 0, "{s:?}");
-    });
-    assert!(mem
-        .slice()
-        .iter()
-        .enumerate()
-        .all(|(i, &b)| b == (i / page) as u8 ^ i as u8));
+                .spawn();
+            let base = mem.addr;
+            let image = Arc::new(image);
+            let workers: Vec<_> = (0..6)
+                .map(|t| {
+                    let image = image.clone();
+                    thread::spawn(move || {
+                        for k in 0..pages {
+                            let p = (k * 7 + t * 13) % pages;
+                            let off = p * page + t;
+                            assert_eq!(read_at(base + off), image[off]);
+                        }
+                    })
+                })
+                .collect();
+            tokio::time::timeout(
+                BOUND,
+                tokio::task::spawn_blocking(move || {
+                    workers.into_iter().for_each(|w| w.join().unwrap())
+                }),
+            )
+            .await
+            .expect("a faulting thread hung")
+            .unwrap();
+            let stats = handle.stats_ref();
+            handle.shutdown().await.unwrap();
+            let s = stats.snapshot();
+            assert!(s.handler_failures > 0, "{s:?}");
+            assert_eq!(s.poisoned, 0, "{s:?}");
+        });
+        assert!(mem
+            .slice()
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i / page) as u8 ^ i as u8));
+    }
 }

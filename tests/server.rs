@@ -4,6 +4,8 @@
 //! graceful stop, the self-fault guard and the owning process exiting.
 //! Faults come from `std::thread`s or child processes; waits are bounded.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::io::Write;

@@ -8,6 +8,8 @@
 //! `std::thread`s; every wait is bounded. Outcomes that end in `SIGBUS` run
 //! in a child process (this test binary run again, see `run_child_test`).
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

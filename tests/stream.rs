@@ -3,6 +3,8 @@
 //! Faults come from `std::thread`s or child processes, never from a worker
 //! of the runtime that serves them; waits are on events, bounded.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::collections::HashSet;

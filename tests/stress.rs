@@ -8,6 +8,8 @@
 //! CI bounces for about fifteen seconds; `TOKIO_UFFD_SOAK_SECS=600` soaks.
 //! This file holds a single test so that the fd count is exact.
 
+#![cfg(feature = "async")]
+
 mod common;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
