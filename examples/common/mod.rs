@@ -10,7 +10,9 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use tokio_uffd::{Stats, StatsSnapshot};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Most threads an example starts to touch memory (each one is a real OS
 /// thread with its own stack).
@@ -31,19 +33,27 @@ pub struct LogArgs {
     pub verbose: bool,
 }
 
-/// Installs a `tracing` subscriber on stderr: `RUST_LOG` if set (default
-/// `warn`), plus `tokio_uffd=debug` with `--verbose`.
+/// Installs a `tracing` subscriber on stderr: the `target=level,...`
+/// filters of `RUST_LOG` if set (default: warnings and errors), plus
+/// `tokio_uffd=debug` with `--verbose`.
 pub fn init_tracing(log: LogArgs) {
-    let mut filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::WARN.into())
-        .from_env_lossy();
-    if log.verbose {
-        filter = filter.add_directive("tokio_uffd=debug".parse().expect("a valid directive"));
+    let mut filter = Targets::new().with_default(LevelFilter::WARN);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        match spec.parse::<Targets>() {
+            Ok(parsed) => filter = parsed,
+            Err(e) => eprintln!("RUST_LOG={spec:?} ignored ({e}): give target=level pairs, comma-separated"),
+        }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    if log.verbose {
+        filter = filter.with_target("tokio_uffd", LevelFilter::DEBUG);
+    }
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .with(filter)
         .init();
 }
 
