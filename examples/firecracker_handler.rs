@@ -48,7 +48,6 @@ use common::{print_stats, LogArgs};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{recvmsg, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 use nix::unistd::Pid;
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_uffd::{
@@ -90,15 +89,35 @@ struct Args {
 /// One entry of the region list Firecracker sends. Unknown fields are
 /// ignored; `page_size_kib` is the deprecated name of `page_size` (which,
 /// despite its name, held bytes).
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 struct GuestRegionUffdMapping {
     base_host_virt_addr: u64,
     size: usize,
     offset: u64,
-    #[serde(default)]
     page_size: Option<usize>,
-    #[serde(default)]
     page_size_kib: Option<usize>,
+}
+
+impl GuestRegionUffdMapping {
+    /// Reads one entry of the JSON array (read as `serde_json::Value`s:
+    /// five numbers do not need serde's derive macros in every example's
+    /// build).
+    fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let number = |name: &str| v.get(name).and_then(serde_json::Value::as_u64);
+        let required = |name: &str| {
+            number(name).ok_or_else(|| format!("a region without a numeric `{name}`: {v}"))
+        };
+        let size = |n: u64| {
+            usize::try_from(n).map_err(|_| format!("{n} does not fit this machine's usize"))
+        };
+        Ok(Self {
+            base_host_virt_addr: required("base_host_virt_addr")?,
+            size: size(required("size")?)?,
+            offset: required("offset")?,
+            page_size: number("page_size").map(size).transpose()?,
+            page_size_kib: number("page_size_kib").map(size).transpose()?,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -412,8 +431,17 @@ async fn receive(stream: &mut UnixStream) -> io::Result<(OwnedFd, Vec<GuestRegio
     };
     // The JSON has no terminator: read until it parses.
     loop {
-        match serde_json::from_slice::<Vec<GuestRegionUffdMapping>>(&json) {
-            Ok(regions) => return Ok((fd, regions)),
+        match serde_json::from_slice::<Vec<serde_json::Value>>(&json) {
+            Ok(values) => {
+                let regions = values
+                    .iter()
+                    .map(GuestRegionUffdMapping::from_json)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("bad region list: {e}"))
+                    })?;
+                return Ok((fd, regions));
+            }
             Err(e) if e.is_eof() => {
                 let n = stream.read(&mut buf).await?;
                 if n == 0 {
