@@ -69,6 +69,18 @@ fn main() {
     if harness::run_syscall_case(&args) {
         return;
     }
+    // TOKIO_UFFD_BENCH_LOG=info: a subscriber that takes the crate's events at
+    // that level, to show what observability costs per fault (per-fault
+    // events are at TRACE, so at INFO they must cost nothing measurable).
+    if let Ok(level) = std::env::var("TOKIO_UFFD_BENCH_LOG") {
+        let level: tracing_subscriber::filter::LevelFilter =
+            level.parse().expect("TOKIO_UFFD_BENCH_LOG: a level such as info");
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::stderr)
+            .init();
+        eprintln!("tracing subscriber installed at {level}");
+    }
     // Cargo runs a benchmark in its package's directory (`benches/`): paths
     // are taken from the workspace root, as when the benches were targets of
     // the root package.
