@@ -73,8 +73,9 @@ fn main() {
     // that level, to show what observability costs per fault (per-fault
     // events are at TRACE, so at INFO they must cost nothing measurable).
     if let Ok(level) = std::env::var("TOKIO_UFFD_BENCH_LOG") {
-        let level: tracing_subscriber::filter::LevelFilter =
-            level.parse().expect("TOKIO_UFFD_BENCH_LOG: a level such as info");
+        let level: tracing_subscriber::filter::LevelFilter = level
+            .parse()
+            .expect("TOKIO_UFFD_BENCH_LOG: a level such as info");
         tracing_subscriber::fmt()
             .with_max_level(level)
             .with_writer(std::io::stderr)

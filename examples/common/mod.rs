@@ -41,7 +41,9 @@ pub fn init_tracing(log: LogArgs) {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         match spec.parse::<Targets>() {
             Ok(parsed) => filter = parsed,
-            Err(e) => eprintln!("RUST_LOG={spec:?} ignored ({e}): give target=level pairs, comma-separated"),
+            Err(e) => eprintln!(
+                "RUST_LOG={spec:?} ignored ({e}): give target=level pairs, comma-separated"
+            ),
         }
     }
     if log.verbose {
