@@ -397,10 +397,30 @@ impl LoosePages {
         inside
     }
 
-    /// `start..end` was unmapped: forget it.
+    /// `start..end` was unmapped: forget it. Resolutions in flight there
+    /// find it gone; none marks a page served there when it settles.
     pub(crate) fn unmap(&mut self, start: usize, end: usize) {
         self.forget_served(start, end);
         self.cut_removed(start, end);
+        self.inflight.retain(|&p| p < start || p >= end);
+    }
+
+    /// The state a forked child starts with: the pages freed stay freed,
+    /// the pages served stay served (the child has copies of them), and
+    /// the pages in flight for the parent are neither (still missing in the
+    /// child).
+    pub(crate) fn for_child(&self) -> Self {
+        let mut child = self.clone();
+        for p in self.inflight.iter() {
+            child.served.remove(p);
+        }
+        child.inflight.clear();
+        child
+    }
+
+    /// Takes `page` out of the in-flight set; whether it was in it.
+    pub(crate) fn take_inflight(&mut self, page: usize) -> bool {
+        self.inflight.remove(&page)
     }
 
     /// `from..from+len` moved to `to`, with what was served or freed there.
@@ -545,6 +565,24 @@ mod tests {
         l.unmap(0x10000, 0x14000);
         assert!(!l.is_removed(0x10000) && !l.is_removed(0x13000));
         assert!(l.is_removed(0x50000));
+    }
+
+    #[test]
+    fn loose_pages_unmapped_in_flight_are_not_marked_served_and_a_child_keeps_what_was_freed() {
+        let mut l = LoosePages::default();
+        l.set_inflight(0x10000, true);
+        l.set_inflight(0x20000, true);
+        l.set_served(0x30000);
+        l.remove(0x40000, 0x42000, P);
+        l.unmap(0x10000, 0x11000);
+        assert!(
+            !l.take_inflight(0x10000),
+            "an unmapped page stays in flight"
+        );
+        let child = l.for_child();
+        assert!(!child.is_inflight(0x20000) && !child.is_served(0x20000));
+        assert!(child.is_served(0x30000) && child.is_removed(0x41000));
+        assert!(l.take_inflight(0x20000));
     }
 
     #[test]

@@ -76,6 +76,91 @@ fn a_duplicate_on_a_prefetched_page_freed_meanwhile_is_woken() {
     });
 }
 
+/// A fault queued before the `munmap` of its page, read in one batch with
+/// the Unmap: it was raised on memory that is gone, so the server wakes it
+/// (the access then fails as the kernel decides) instead of planning it
+/// from a page map that no longer has the page: that would treat it as a
+/// page outside every region and ask the handler for the bytes at offset =
+/// address, a failure for any real source. The faulting access is a
+/// `write(2)` from the page (a kernel-mode fault, so the uffd is not
+/// user-mode-only), which then fails with `EFAULT` instead of a `SIGSEGV`.
+#[test]
+fn a_fault_and_the_unmap_of_its_page_in_one_batch_wake_it_without_a_failure() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let builder = tokio_uffd::UffdBuilder::new()
+        .user_mode_only(false)
+        .require(Features::EVENT_UNMAP);
+    let Some(uffd) = try_uffd(builder) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let mut mem = Mapping::anon(4 * page);
+    // SAFETY: a fresh mapping, touched only by this test's threads, whose
+    // faults the server resolves.
+    unsafe { uffd.register(mem.addr, 4 * page, tokio_uffd::RegisterMode::MISSING) }.unwrap();
+    // The test unmaps page 3 itself; `mem` unmaps the rest.
+    mem.len = 3 * page;
+    let raw = uffd.as_raw_fd();
+    let (a, b, x) = (mem.addr, mem.addr + page, mem.addr + 3 * page);
+    let handler = HeldPages::new(4 * page, [a, b]);
+    let mut fds = [0; 2];
+    // SAFETY: a pipe of our own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds nothing else owns.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
+            .regions([Region::new(mem.addr..mem.addr + 4 * page)])
+            .unwrap()
+            .concurrency(1)
+            .spawn();
+        let h = handler.clone();
+        let wrote = tokio::task::spawn_blocking(move || {
+            let a_read = start_read(a);
+            wait_until("page A's fetch started", || h.calls() >= 1);
+            let b_read = start_read(b);
+            wait_until("page B's fetch started", || h.calls() >= 2);
+            let w = wr.as_raw_fd();
+            let writing = std::thread::spawn(move || {
+                // SAFETY: reads one byte of page X into the pipe; the kernel
+                // faults on X and waits for the server.
+                let n = unsafe { libc::write(w, x as *const libc::c_void, 1) };
+                (n, std::io::Error::last_os_error().raw_os_error())
+            });
+            wait_until("the fault on X queued", || pending_faults(raw) >= 1);
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let unmapping = std::thread::spawn(move || {
+                tid_tx.send(gettid()).unwrap();
+                // SAFETY: unmapping a page of our own mapping.
+                unsafe { libc::munmap(x as *mut libc::c_void, page) }
+            });
+            let tid = tid_rx.recv_timeout(BOUND).unwrap();
+            // munmap sleeps in the kernel until its Unmap is read.
+            wait_until("munmap waiting for its Unmap to be read", || {
+                wchan(tid).starts_with("userfaultfd")
+            });
+            h.open.add_permits(2);
+            assert_eq!(join_bounded("munmap of X", unmapping), 0);
+            assert_eq!(a_read.recv_timeout(BOUND), Ok(image_byte(0)));
+            assert_eq!(b_read.recv_timeout(BOUND), Ok(image_byte(page)));
+            join_bounded("the write(2) from X", writing)
+        })
+        .await
+        .unwrap();
+        drop(rd);
+        // Either the write got in before the unmap (a byte of the image) or
+        // it found the page gone: never a hang.
+        assert!(
+            wrote.0 == 1 || wrote == (-1, Some(libc::EFAULT)),
+            "write(2) from the unmapped page: {wrote:?}"
+        );
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.unmaps, 1, "{stats:?}");
+        assert_eq!(stats.handler_failures, 0, "{stats:?}");
+    });
+}
+
 /// How long each storm runs (`TOKIO_UFFD_STORM_SECS` to soak longer).
 fn storm_time() -> Duration {
     let secs = std::env::var("TOKIO_UFFD_STORM_SECS")

@@ -229,9 +229,12 @@ impl<H: FaultHandler> Reader<H> {
                     let cause: Cause =
                         Arc::new(ServeError::KeptChanging(self.shared.config.retry_timeout));
                     if job.runs[0].resolution == Some(Resolution::Poison) {
-                        // Even poisoning cannot get through: give up on it.
+                        // Even poisoning cannot get through: give up on it,
+                        // and wake whoever waits there (their faults were
+                        // taken for duplicates of it) to fault again.
                         self.unwatch(&mut job);
                         self.settle(&job, false);
+                        let _ = self.shared.uffd.wake(job.page, job.page_size);
                         let failure = failure(&job, 0, cause, FailureAction::Dropped);
                         trace::report_failure(&failure);
                         self.shared.stats.record_failure(&failure);

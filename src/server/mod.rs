@@ -129,6 +129,10 @@ const DEFAULT_CHILD_PROBE: Duration = Duration::from_secs(1);
 /// How many reads a stopping server with `EVENT_FORK` makes to drain the
 /// queue, so that no fork is left waiting for its event to be read.
 const STOP_DRAIN_READS: u32 = 64;
+/// How many batches the reader reads in a row to drain the queue while work
+/// is parked, before it goes back to its loop (completions, the stop, the
+/// retries of parked work).
+const DRAIN_READS: u32 = 4;
 
 impl<H: FaultHandler> Server<H> {
     /// A server for `uffd` with `handler`, no regions (faults anywhere are

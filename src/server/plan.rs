@@ -44,6 +44,19 @@ impl<H: FaultHandler> Reader<H> {
                 ));
             }
         }
+        if self
+            .batch_gone
+            .iter()
+            .any(|&(s, e)| fault.address >= s && fault.address < e)
+            && self.layout.find(fault.address).is_none()
+        {
+            // Raised before an Unmap or Remap of its batch took its page
+            // away: not a fault on whatever is there now. Woken, the thread
+            // faults again (or finds the memory gone).
+            let page = fault.page_start(self.shared.config.page_size);
+            let _ = self.shared.uffd.wake(page, self.shared.config.page_size);
+            return Ok(None);
+        }
         let Some(job) = self.plan(fault, read_at) else {
             // A duplicate: the resolution in flight (or done) wakes it.
             Stats::add(&self.shared.stats.duplicates, 1);
@@ -230,9 +243,13 @@ impl<H: FaultHandler> Reader<H> {
             let mut addr = run.addr;
             while addr < run.addr + run.len {
                 let Some(ri) = self.layout.find(addr) else {
-                    self.loose.set_inflight(addr, false);
+                    // Only a page still in flight: one unmapped or moved
+                    // meanwhile (or a region's page whose region went) is
+                    // not marked served where it no longer is.
+                    let ours = self.loose.take_inflight(addr);
                     let resolved = run.resolution.is_some_and(|r| r != Resolution::Poison);
-                    if served && (job.zero_fill || resolved && !self.loose.is_removed(addr)) {
+                    if ours && served && (job.zero_fill || resolved && !self.loose.is_removed(addr))
+                    {
                         self.loose.set_served(addr);
                     }
                     addr += job.page_size;

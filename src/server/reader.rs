@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::asyncfd::{AsyncUffd, EventStream};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{Event, PageFault};
 use crate::flags::Features;
 use crate::handler::FaultHandler;
@@ -22,7 +22,7 @@ use super::policy::{ForkPolicy, ServerExit};
 use super::shared::Shared;
 use super::stop::{StopSignal, StopWait};
 use super::watchdog::{StallBoard, Watchdog};
-use super::{thread_id, STOP_DRAIN_READS};
+use super::{thread_id, DRAIN_READS, STOP_DRAIN_READS};
 
 /// The reading side of a server: owns the page state and every decision.
 // Jobs stay boxed in its lists: they move between the lists, tasks and the
@@ -37,6 +37,10 @@ pub(super) struct Reader<H> {
     /// The faults of the batch being handled, planned once its other
     /// events are applied (kept for its allocation).
     pub(super) batch_faults: Vec<PageFault>,
+    /// The ranges the batch's Unmap and Remap events took away: a fault of
+    /// the batch there was raised before the change (it is woken to fault
+    /// again, never planned from a page map that no longer has its page).
+    pub(super) batch_gone: Vec<(usize, usize)>,
     /// Finished jobs kept for reuse, with their buffers (at most
     /// `concurrency`): no allocation per fault.
     pub(super) spare: Vec<Box<Job>>,
@@ -80,6 +84,7 @@ impl<H: FaultHandler> Reader<H> {
             loose: LoosePages::default(),
             parked: Vec::new(),
             batch_faults: Vec::new(),
+            batch_gone: Vec::new(),
             spare: Vec::new(),
             inflight: 0,
             tx,
@@ -264,12 +269,25 @@ impl<H: FaultHandler> Reader<H> {
         if let Some((board, _)) = &self.watch {
             board.note_read();
         }
-        let mut next = Some(event?);
+        let mut next = Some(event);
+        // Batches read here while parked work needs the queue drained: a
+        // few, then back to the loop (completions, the stop, retries).
+        let mut reads = 0;
         loop {
             // The whole batch: events applied in order, faults kept.
+            self.batch_gone.clear();
             while let Some(event) = next {
-                self.on_event(event)?;
-                next = stream.next_buffered().transpose()?;
+                match event {
+                    Ok(event) => self.on_event(event),
+                    // One message that cannot be decoded is consumed; the
+                    // rest of the batch is unaffected.
+                    Err(e @ (Error::UnknownEvent { .. } | Error::BadMessage { .. })) => {
+                        trace::event!(warn, error = %e, "skipped an undecodable message");
+                        self.shared.stats.set_error(e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
+                next = stream.next_buffered();
             }
             let mut faults = std::mem::take(&mut self.batch_faults);
             let mut exit = Ok(None);
@@ -290,7 +308,12 @@ impl<H: FaultHandler> Reader<H> {
             if self.parked.is_empty() {
                 return Ok(None);
             }
-            next = stream.try_next_event()?;
+            if reads == DRAIN_READS {
+                // The rest is read by the loop, parked work retried there.
+                return self.retry_parked().await;
+            }
+            reads += 1;
+            next = stream.try_next_event().transpose();
             if next.is_none() {
                 return self.retry_parked().await;
             }
@@ -300,7 +323,7 @@ impl<H: FaultHandler> Reader<H> {
     /// Applies a non-fault event to the page state; keeps a fault for
     /// [`after_read`](Self::after_read) to plan once the batch's events are
     /// applied.
-    pub(super) fn on_event(&mut self, event: Event) -> Result<()> {
+    pub(super) fn on_event(&mut self, event: Event) {
         let stats = &self.shared.stats;
         match event {
             Event::PageFault(fault) => self.batch_faults.push(fault),
@@ -316,6 +339,7 @@ impl<H: FaultHandler> Reader<H> {
                 trace::event!(debug, start = %format_args!("{:#x}", u.start), end = %format_args!("{:#x}", u.end), "unmap");
                 Stats::add(&stats.unmaps, 1);
                 self.layout.unmap(u.start, u.end);
+                self.batch_gone.push((u.start, u.end));
                 self.loose.unmap(u.start, u.end);
                 self.shared.handler.on_unmap(u.start, u.end);
             }
@@ -323,6 +347,7 @@ impl<H: FaultHandler> Reader<H> {
                 trace::event!(debug, from = %format_args!("{:#x}", r.from), to = %format_args!("{:#x}", r.to), len = r.len, "remap");
                 Stats::add(&stats.remaps, 1);
                 self.layout.remap(r.from, r.to, r.len);
+                self.batch_gone.push((r.from, r.from + r.len));
                 self.loose.remap(r.from, r.to, r.len);
                 self.shared.handler.on_remap(&r);
             }
@@ -343,13 +368,23 @@ impl<H: FaultHandler> Reader<H> {
                         child_uffd = fork.uffd().as_raw_fd(),
                         "fork: serving the child"
                     );
-                    self.serve_child(fork.into_uffd())?;
+                    if let Err(e) = self.serve_child(fork.into_uffd()) {
+                        // The child's failure alone: the parent serves on.
+                        trace::event!(
+                            warn,
+                            error = %crate::error::error_chain(&e),
+                            "cannot serve a forked child: its registered memory reads as unregistered"
+                        );
+                        self.shared.stats.set_error(format!(
+                            "cannot serve a forked child: {}",
+                            crate::error::error_chain(&e)
+                        ));
+                    }
                 } else {
                     trace::event!(debug, "fork: the child is not served (ForkPolicy::Ignore)");
                 }
             }
         }
-        Ok(())
     }
 
     /// Serves a forked child with the same handler and a copy of the page
@@ -358,6 +393,9 @@ impl<H: FaultHandler> Reader<H> {
     pub(super) fn serve_child(&mut self, uffd: crate::Uffd) -> Result<()> {
         let uffd = AsyncUffd::new(uffd)?;
         let mut layout = self.layout.clone();
+        // Pages outside regions: those freed stay freed in the child; those
+        // being resolved for the parent are still missing there.
+        let loose = self.loose.for_child();
         for r in &mut layout.regions {
             // Pages being resolved for the parent are still missing in the
             // child.
@@ -373,7 +411,8 @@ impl<H: FaultHandler> Reader<H> {
         let shared = Arc::new(self.shared.for_child(uffd.clone()));
         let stream = uffd.event_stream_with_batch(self.shared.config.batch)?;
         let probe = Some(shared.config.child_probe);
-        let reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone(), probe);
+        let mut reader = Reader::new(shared, layout, self.tids.clone(), self.stop.clone(), probe);
+        reader.loose = loose;
         let stats = self.shared.stats.clone();
         self.children.retain(|c| !c.is_finished());
         self.children
