@@ -203,15 +203,25 @@ fn a_forked_child_is_served_by_the_same_handler() {
     });
 }
 
-/// A handler that fails on one page (by error or by panic) and serves the
-/// others from the image.
+/// A handler that fails on one page (by error or by panic, or with
+/// `bytes_for_panics` by a panic in `bytes_for` on the reader too) and
+/// serves the others from the image (from memory, through `bytes_for`).
 struct FailOn {
     bad_page: usize,
     panic: bool,
+    bytes_for_panics: bool,
     inner: SourceHandler<MemorySource>,
 }
 
 impl FaultHandler for FailOn {
+    fn bytes_for(&self, req: &FaultRequest) -> Option<&[u8]> {
+        if req.addr == self.bad_page {
+            assert!(!self.bytes_for_panics, "deliberate panic in bytes_for");
+            return None;
+        }
+        self.inner.bytes_for(req)
+    }
+
     async fn fault<'a>(
         &'a self,
         req: &'a FaultRequest,
@@ -246,6 +256,7 @@ fn child_failing_handler_entry() {
     let handler = FailOn {
         bad_page: mem.addr + page,
         panic: mode == "panic",
+        bytes_for_panics: mode == "bytes_for",
         inner: SourceHandler::new(MemorySource::new(image(2 * page))),
     };
     let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler)
@@ -268,7 +279,7 @@ fn handler_failure_gives_sigbus_not_a_hang() {
     if !uffd.available_features().contains(Features::POISON) {
         return skip("kernel lacks UFFD_FEATURE_POISON (6.6+)");
     }
-    for mode in ["error", "panic"] {
+    for mode in ["error", "panic", "bytes_for"] {
         let status = run_child_test("child_failing_handler_entry", &[("TOKIO_UFFD_CHILD", mode)]);
         assert_eq!(
             status.signal(),

@@ -114,7 +114,10 @@ pub(super) type Cause = Arc<dyn std::error::Error + Send + Sync>;
 pub(super) enum ServeError {
     #[error("the handler panicked: {0}")]
     Panicked(String),
-    #[error("the handler's bytes_for returned nothing for a run it had returned bytes for")]
+    #[error(
+        "the handler's bytes_for returned nothing (or panicked, or a slice of another length) \
+         for a run it had returned bytes for"
+    )]
     BytesGone,
     #[error(
         "the resolution kept failing with EAGAIN for {0:?}: the address space kept changing \

@@ -333,7 +333,7 @@ impl<H: FaultHandler> Reader<H> {
                 self.layout.remove(r.start, r.end);
                 self.loose
                     .remove(r.start, r.end, self.shared.config.page_size);
-                self.shared.handler.on_remove(r.start, r.end);
+                self.notify(|h| h.on_remove(r.start, r.end));
             }
             Event::Unmap(u) => {
                 trace::event!(debug, start = %format_args!("{:#x}", u.start), end = %format_args!("{:#x}", u.end), "unmap");
@@ -341,7 +341,7 @@ impl<H: FaultHandler> Reader<H> {
                 self.layout.unmap(u.start, u.end);
                 self.batch_gone.push((u.start, u.end));
                 self.loose.unmap(u.start, u.end);
-                self.shared.handler.on_unmap(u.start, u.end);
+                self.notify(|h| h.on_unmap(u.start, u.end));
             }
             Event::Remap(r) => {
                 trace::event!(debug, from = %format_args!("{:#x}", r.from), to = %format_args!("{:#x}", r.to), len = r.len, "remap");
@@ -349,11 +349,11 @@ impl<H: FaultHandler> Reader<H> {
                 self.layout.remap(r.from, r.to, r.len);
                 self.batch_gone.push((r.from, r.from + r.len));
                 self.loose.remap(r.from, r.to, r.len);
-                self.shared.handler.on_remap(&r);
+                self.notify(|h| h.on_remap(&r));
             }
             Event::Fork(fork) => {
                 Stats::add(&stats.forks, 1);
-                self.shared.handler.on_fork();
+                self.notify(|h| h.on_fork());
                 if self.stopping {
                     // Read only so that the fork completes: a stopping
                     // server serves no new child.
@@ -384,6 +384,18 @@ impl<H: FaultHandler> Reader<H> {
                     trace::event!(debug, "fork: the child is not served (ForkPolicy::Ignore)");
                 }
             }
+        }
+    }
+
+    /// Calls one of the handler's `on_*` methods; a panic there is
+    /// reported, and the server goes on.
+    fn notify(&self, call: impl FnOnce(&H)) {
+        let handler = &*self.shared.handler;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(handler))).is_err() {
+            trace::event!(warn, "the handler panicked in one of its on_* methods");
+            self.shared
+                .stats
+                .set_error("the handler panicked in one of its on_* methods".into());
         }
     }
 

@@ -76,7 +76,7 @@ pub(super) fn decide_direct<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) 
         if run.direct {
             continue;
         }
-        if shared.handler.bytes_for(&request(job, &run)).is_some() {
+        if direct_bytes(shared, job, &run).is_some() {
             job.runs[i].resolution = Some(Resolution::Copy);
             job.runs[i].direct = true;
         } else {
@@ -85,6 +85,30 @@ pub(super) fn decide_direct<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) 
     }
     job.decided = all;
     all
+}
+
+/// The handler's bytes for `run` if it has them in memory, whole. A
+/// `bytes_for` that panics (caught: it runs on the reader, whose end would
+/// leave every faulting thread asleep) or returns a slice of another length
+/// counts as not having them.
+fn direct_bytes<'a, H: FaultHandler>(
+    shared: &'a Shared<H>,
+    job: &Job,
+    run: &Run,
+) -> Option<&'a [u8]> {
+    let req = request(job, run);
+    match std::panic::catch_unwind(AssertUnwindSafe(|| shared.handler.bytes_for(&req))) {
+        Ok(Some(bytes)) if bytes.len() == run.len => Some(bytes),
+        Ok(_) => None,
+        Err(_) => {
+            trace::event!(
+                warn,
+                addr = %format_args!("{:#x}", run.addr),
+                "the handler's bytes_for panicked; its fault method serves the run"
+            );
+            None
+        }
+    }
 }
 
 /// The handler's view of one run of `job`.
@@ -166,7 +190,7 @@ pub(super) fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outco
                 Resolution::Copy => {
                     let flags = when(dontwake, CopyFlags::DONTWAKE);
                     if run.direct {
-                        let Some(bytes) = shared.handler.bytes_for(&request(job, &run)) else {
+                        let Some(bytes) = direct_bytes(shared, job, &run) else {
                             job.runs[i].done = done;
                             return Outcome::Failed {
                                 run: i,
