@@ -16,6 +16,8 @@
 //!     ioctl as a typed, checked method.
 //!   - [`Event`], [`EventBuffer`] and [`decode_message`]: whole messages read
 //!     in batches and decoded into typed events.
+//!   - [`DirtyTracker`] and [`Pagemap`]: dirty-page tracking without faults
+//!     in user space (`WP_ASYNC` and `PAGEMAP_SCAN`, Linux 6.7+).
 //! - **The async layer** (feature `async`, on by default): `AsyncUffd` and
 //!   `EventStream`, the fd on Tokio's reactor and a `futures::Stream` of
 //!   events.
@@ -139,6 +141,7 @@
 mod error;
 mod event;
 mod flags;
+mod pagemap;
 pub mod sys;
 mod uffd;
 
@@ -150,6 +153,9 @@ pub use event::{
 pub use flags::{
     ContinueFlags, CopyFlags, Features, Ioctls, MoveFlags, PageFaultFlags, PoisonFlags,
     RegisterMode, UnprotectFlags, ZeropageFlags,
+};
+pub use pagemap::{
+    DirtyTracker, PageCategories, PageRange, Pagemap, ScanFlags, ScanQuery, DEFAULT_SCAN_REGIONS,
 };
 pub use uffd::{CreateMethod, Uffd, UffdBuilder};
 

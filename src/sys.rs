@@ -1,6 +1,8 @@
 //! The userfaultfd kernel ABI, written by hand from
 //! `include/uapi/linux/userfaultfd.h` (up to kernel 6.8: `POISON`, `MOVE`,
-//! `WP_UNPOPULATED`, `WP_ASYNC`), and the only module with raw FFI.
+//! `WP_UNPOPULATED`, `WP_ASYNC`) and, for dirty tracking, the `PAGEMAP_SCAN`
+//! part of `include/uapi/linux/fs.h` (kernel 6.7+), and the only module with
+//! raw FFI.
 //!
 //! Everything here mirrors the C names so it can be checked against the
 //! header (`tests/abi_header.rs` compiles a C program against the machine's
@@ -361,6 +363,68 @@ pub struct uffdio_move {
 }
 
 // ---------------------------------------------------------------------------
+// PAGEMAP_SCAN (`include/uapi/linux/fs.h`, kernel 6.7+): an ioctl on
+// `/proc/<pid>/pagemap` that reports page ranges by category and can
+// write-protect the matching ones in the same call. The C headers of older
+// distributions lack these names; they are written here by hand.
+// ---------------------------------------------------------------------------
+
+/// The page has asynchronous write protection enabled (its VMA is registered
+/// with `UFFDIO_REGISTER_MODE_WP` on a userfaultfd with `WP_ASYNC`).
+pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+/// The page was written since it was last write-protected.
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+pub const PAGE_IS_SOFT_DIRTY: u64 = 1 << 7;
+
+/// Write-protect the pages that matched (and were reported).
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail with `EPERM` when the scan meets a page without asynchronous write
+/// protection.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// `ioctl` type of `PAGEMAP_SCAN` (`'f'`).
+pub const PAGEMAP_IOC: u32 = b'f' as u32;
+pub const _PAGEMAP_SCAN: u32 = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct page_region {
+    pub start: u64,
+    /// Exclusive.
+    pub end: u64,
+    pub categories: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct pm_scan_arg {
+    /// `size_of::<pm_scan_arg>()`.
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    /// Written by the kernel: where the scan stopped (`end` when it covered
+    /// the whole range).
+    pub walk_end: u64,
+    /// Address of a `page_region` array of `vec_len` entries.
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+pub const PAGEMAP_SCAN: u32 =
+    nix::request_code_readwrite!(PAGEMAP_IOC, _PAGEMAP_SCAN, size_of::<pm_scan_arg>()) as u32;
+
+// ---------------------------------------------------------------------------
 // Compile-time layout checks
 // ---------------------------------------------------------------------------
 
@@ -408,6 +472,22 @@ const _: () = {
     assert!(size_of::<uffdio_move>() == 40);
     assert!(offset_of!(uffdio_move, mode) == 24);
     assert!(offset_of!(uffdio_move, move_) == 32);
+
+    assert!(size_of::<page_region>() == 24);
+    assert!(offset_of!(page_region, end) == 8);
+    assert!(offset_of!(page_region, categories) == 16);
+    assert!(size_of::<pm_scan_arg>() == 96);
+    assert!(offset_of!(pm_scan_arg, flags) == 8);
+    assert!(offset_of!(pm_scan_arg, start) == 16);
+    assert!(offset_of!(pm_scan_arg, end) == 24);
+    assert!(offset_of!(pm_scan_arg, walk_end) == 32);
+    assert!(offset_of!(pm_scan_arg, vec) == 40);
+    assert!(offset_of!(pm_scan_arg, vec_len) == 48);
+    assert!(offset_of!(pm_scan_arg, max_pages) == 56);
+    assert!(offset_of!(pm_scan_arg, category_inverted) == 64);
+    assert!(offset_of!(pm_scan_arg, category_mask) == 72);
+    assert!(offset_of!(pm_scan_arg, category_anyof_mask) == 80);
+    assert!(offset_of!(pm_scan_arg, return_mask) == 88);
 };
 
 // The encoded request numbers, as `<linux/userfaultfd.h>` gives them on
@@ -425,6 +505,7 @@ const _: () = {
     assert!(UFFDIO_CONTINUE == 0xc020_aa07);
     assert!(UFFDIO_POISON == 0xc020_aa08);
     assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+    assert!(PAGEMAP_SCAN == 0xc060_6610);
 };
 
 // Where `_IOC_NONE` is 1, `_IOC_READ` 2 and `_IOC_WRITE` 4 in a 3-bit
@@ -447,6 +528,7 @@ const _: () = {
     assert!(UFFDIO_UNREGISTER == 0x4010_aa01);
     assert!(UFFDIO_WAKE == 0x4010_aa02);
     assert!(UFFDIO_API == 0xc018_aa3f);
+    assert!(PAGEMAP_SCAN == 0xc060_6610);
 };
 
 // ---------------------------------------------------------------------------
@@ -518,6 +600,51 @@ pub unsafe fn ioctl<T>(fd: RawFd, request: u32, arg: &mut T) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// `ioctl(pagemap, PAGEMAP_SCAN, arg)` with `out` as the output vector:
+/// sets `arg.size`, `arg.vec` and `arg.vec_len`, and returns the number of
+/// entries of `out` the kernel filled (never more than `out.len()`).
+/// `arg.walk_end` tells where the scan stopped.
+///
+/// # Safety
+///
+/// `pagemap` must be an open `/proc/<pid>/pagemap` file: the request number
+/// means `PAGEMAP_SCAN` only there, and another file could read or write
+/// `arg` and `out` as something else. With `PM_SCAN_WP_MATCHING` the
+/// caller must be allowed to write-protect the matching pages of that
+/// process.
+///
+/// # References
+///
+/// - [`ioctl_pagemap_scan(2)`](https://man7.org/linux/man-pages/man2/ioctl_pagemap_scan.2.html)
+/// - <https://docs.kernel.org/admin-guide/mm/pagemap.html>
+pub unsafe fn pagemap_scan(
+    pagemap: BorrowedFd<'_>,
+    arg: &mut pm_scan_arg,
+    out: &mut [page_region],
+) -> io::Result<usize> {
+    arg.size = size_of::<pm_scan_arg>() as u64;
+    arg.vec = out.as_mut_ptr() as u64;
+    arg.vec_len = out.len() as u64;
+    // Raw libc, for the same reason as `ioctl` above.
+    // SAFETY: `arg` is a valid, exclusive `pm_scan_arg` and `arg.vec` points
+    // to `out`, writable for `arg.vec_len` entries, for the whole call; the
+    // caller promises that `pagemap` is a pagemap file, where the request is
+    // PAGEMAP_SCAN and reads and writes exactly those.
+    let ret = unsafe {
+        libc::ioctl(
+            pagemap.as_raw_fd(),
+            PAGEMAP_SCAN as _,
+            arg as *mut pm_scan_arg,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel never reports more entries than it was given room for;
+    // clamp anyway so a caller's slice stays in bounds.
+    Ok((ret as usize).min(out.len()))
 }
 
 /// `read(2)` of whole messages into `buf`. Returns the number of bytes read.
