@@ -124,8 +124,11 @@ pub enum Resolution {
 /// })
 /// .await?;
 /// assert_eq!(bytes, [7, 7, 2, 3]);
-/// assert_eq!(server.stats().pages_served, 4);
+/// // Final once the server has stopped (a woken thread can run before
+/// // the statistics of its page are updated).
+/// let stats = server.stats_ref();
 /// server.shutdown().await?;
+/// assert_eq!(stats.snapshot().pages_served, 4);
 /// # unsafe { libc::munmap(mem, len) };
 /// # Ok(())
 /// # }
