@@ -295,6 +295,19 @@ pub enum Error {
     #[error("this userfaultfd already has an EventStream; drop it (or use it) instead of making a second")]
     StreamExists,
 
+    /// The running kernel lacks the `PAGEMAP_SCAN` ioctl of
+    /// `/proc/self/pagemap` (Linux 6.7+), which dirty tracking without
+    /// faults needs.
+    #[error(
+        "PAGEMAP_SCAN on /proc/self/pagemap is not supported by the running kernel ({source}): \
+         dirty tracking without faults needs Linux 6.7 or later"
+    )]
+    PagemapScanUnsupported {
+        /// The OS error (`ENOTTY`).
+        #[source]
+        source: io::Error,
+    },
+
     /// Any other OS error (for example from `fcntl`).
     #[error("{what}: {source}")]
     Os {
@@ -458,7 +471,9 @@ impl Error {
                 Some(libc::EINVAL) => ErrorKind::Unsupported,
                 _ => ErrorKind::Other,
             },
-            Error::MissingFeatures { .. } | Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::MissingFeatures { .. }
+            | Error::Unsupported { .. }
+            | Error::PagemapScanUnsupported { .. } => ErrorKind::Unsupported,
             Error::NoRuntime { .. } => ErrorKind::Other,
             Error::Unaligned { .. } | Error::BadRange { .. } => ErrorKind::InvalidInput,
             Error::Ioctl { source, .. } => match source.raw_os_error() {
@@ -505,6 +520,7 @@ impl Error {
             Error::Api { source, .. }
             | Error::Ioctl { source, .. }
             | Error::Read { source }
+            | Error::PagemapScanUnsupported { source }
             | Error::Os { source, .. } => source.raw_os_error(),
             _ => None,
         }

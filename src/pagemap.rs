@@ -180,7 +180,7 @@ impl Pagemap {
     ///
     /// # Errors
     ///
-    /// [`Error::Unsupported`] if the kernel lacks `PAGEMAP_SCAN` (before
+    /// [`Error::PagemapScanUnsupported`] if the kernel lacks `PAGEMAP_SCAN` (before
     /// Linux 6.7, `ENOTTY`); [`Error::Os`] for a range that is not
     /// page-aligned or empty, and for the kernel's other errors (`EPERM`
     /// with [`ScanFlags::CHECK_WPASYNC`] where memory without asynchronous
@@ -259,13 +259,7 @@ impl Pagemap {
 
 fn scan_error(source: io::Error) -> Error {
     match source.raw_os_error() {
-        Some(libc::ENOTTY) => Error::Unsupported {
-            op: Op::WriteProtect,
-            needs: Features::WP_ASYNC,
-            has: Features::empty(),
-            hint: "PAGEMAP_SCAN on /proc/self/pagemap failed with ENOTTY: the running kernel \
-                   lacks it; asynchronous dirty tracking needs Linux 6.7 or later",
-        },
+        Some(libc::ENOTTY) => Error::PagemapScanUnsupported { source },
         Some(libc::EPERM) => Error::Os {
             what: "PAGEMAP_SCAN with CHECK_WPASYNC met memory that is not registered for \
                    asynchronous write protection (unregistered, or unmapped and mapped again)",
