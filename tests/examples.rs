@@ -261,6 +261,7 @@ fn count_arguments_are_bounded_and_leave_nothing_behind() {
         ("snapshot_restore", &["--size", "0"][..]),
         ("snapshot_restore", &["--window", "100000"][..]),
         ("dirty_tracking", &["--writers", "100000"][..]),
+        ("dirty_tracking", &["--async", "--percent", "101"][..]),
         ("serve_faults", &["--threads", "100000"][..]),
         ("remote_memory", &["--threads", "0"][..]),
         (
@@ -353,6 +354,96 @@ fn dirty_tracking_matches_the_pages_written() {
     assert!(out.contains("interval 3:"), "{out}");
     assert!(!out.contains("MISMATCH"), "{out}");
     assert!(out.contains("every interval's dirty set matched"), "{out}");
+    assert!(out.contains("sync (write-protect faults)"), "{out}");
+    assert!(out.contains("slowdown"), "{out}");
+}
+
+/// The figures every run of `dirty_tracking` prints after its check.
+fn assert_dirty_tracking_figures(out: &str, method: &str, rounds: usize) {
+    assert!(
+        out.contains(&format!(
+            "every interval's dirty set matched the pages written exactly ({rounds} rounds"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("MISMATCH"), "{out}");
+    assert!(out.contains(method), "{out}");
+    assert!(out.contains(" rounds/s"), "{out}");
+    assert!(
+        out.contains("round (scan and re-protect) time: mean "),
+        "{out}"
+    );
+    assert!(out.contains("ns per page write untracked"), "{out}");
+    assert!(out.contains(" writes each): slowdown "), "{out}");
+}
+
+#[test]
+fn dirty_tracking_sync_with_a_percentage_is_exact() {
+    if !have_uffd() {
+        return;
+    }
+    let out = run_ok(Command::new(example("dirty_tracking")).args([
+        "--pages",
+        "512",
+        "--writers",
+        "3",
+        "--intervals",
+        "4",
+        "--percent",
+        "10",
+    ]));
+    // 10% of 512 pages, distinct, every round.
+    assert_eq!(out.matches(": 51 dirty pages of 512").count(), 4, "{out}");
+    assert_dirty_tracking_figures(&out, "sync (write-protect faults)", 4);
+}
+
+#[test]
+fn dirty_tracking_async_matches_the_pages_written_exactly() {
+    if !have_uffd() {
+        return;
+    }
+    for args in [
+        &["--writes", "50"][..],
+        &["--percent", "10"][..],
+        &["--percent", "100"][..],
+    ] {
+        let out = run(Command::new(example("dirty_tracking"))
+            .args([
+                "--async",
+                "--pages",
+                "512",
+                "--writers",
+                "2",
+                "--intervals",
+                "4",
+            ])
+            .args(args));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && stderr.contains("UFFD_FEATURE_WP_ASYNC") {
+            // A kernel before 6.7: the example must say so clearly.
+            assert!(stderr.contains("Linux 6.7"), "{stderr}");
+            skip(&format!(
+                "dirty_tracking --async cannot run on this kernel: {}",
+                stderr.trim()
+            ));
+            return;
+        }
+        assert!(
+            out.status.success(),
+            "dirty_tracking --async {args:?} failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            out.status
+        );
+        assert!(stdout.contains("interval 4:"), "{stdout}");
+        assert_dirty_tracking_figures(&stdout, "async (WP_ASYNC + PAGEMAP_SCAN)", 4);
+        if args[1] == "100" {
+            assert_eq!(
+                stdout.matches(": 512 dirty pages of 512").count(),
+                4,
+                "{stdout}"
+            );
+        }
+    }
 }
 
 #[test]
