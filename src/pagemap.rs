@@ -434,7 +434,8 @@ impl DirtyTracker {
     /// # Errors
     ///
     /// [`Error::Os`] (`ENOENT`) if the range is not tracked; the errors of
-    /// [`Uffd::unregister`] (the range is forgotten anyway).
+    /// [`Uffd::unregister`] (the range is forgotten anyway), except that a
+    /// range unmapped or moved since is no error.
     pub fn untrack(&mut self, start: usize, len: usize) -> Result<()> {
         let Some(i) = self
             .tracked
@@ -447,7 +448,19 @@ impl DirtyTracker {
             });
         };
         self.tracked.remove(i);
-        self.uffd.unregister(start, len)
+        match self.uffd.unregister(start, len) {
+            // Unmapped (or moved away with mremap) since it was tracked: the
+            // kernel has nothing to unregister there.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    crate::ErrorKind::InvalidInput | crate::ErrorKind::RangeGone
+                ) =>
+            {
+                Ok(())
+            }
+            result => result,
+        }
     }
 
     /// The pages written since the previous round (or since they were

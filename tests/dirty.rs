@@ -363,6 +363,54 @@ fn unmapped_range_between_rounds_reports_the_rest() {
     }
 }
 
+/// A tracked range moved with `mremap` between rounds: its old place
+/// reports nothing (and no error); tracked again at its new place, the
+/// writes there are reported exactly.
+#[test]
+fn a_range_moved_between_rounds_is_tracked_again_at_its_new_place() {
+    let Some(mut t) = tracker() else { return };
+    let page = page_size();
+    let len = 16 * page;
+    let m = Mapping::anon(len);
+    let old = m.addr;
+    // SAFETY: our own mapping.
+    unsafe { t.track(old, len) }.unwrap();
+    write_at(old + 2 * page, 1);
+    assert_eq!(t.round().unwrap(), [old + 2 * page..old + 3 * page]);
+    // A free place of the same size: mapped, then given back.
+    let hole = Mapping::anon(len);
+    let to = hole.addr;
+    drop(hole);
+    // SAFETY: moving our own mapping to a place nothing uses; no reference
+    // into it exists.
+    let moved = unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    assert_eq!(
+        moved as usize,
+        to,
+        "mremap: {}",
+        std::io::Error::last_os_error()
+    );
+    // `m` now names the old, empty place; the mapping is at `to`.
+    std::mem::forget(m);
+    let m = Mapping { addr: to, len };
+    write_at(to + 5 * page, 1);
+    assert_eq!(t.round().unwrap(), [], "the old place of a moved range");
+    t.untrack(old, len).unwrap();
+    // SAFETY: our own mapping, at its new place.
+    unsafe { t.track(to, len) }.unwrap();
+    write_at(to + 6 * page, 1);
+    assert_eq!(t.round().unwrap(), [to + 6 * page..to + 7 * page]);
+    drop(m);
+}
+
 #[test]
 fn partial_results_return_the_same_ranges() {
     let Some(mut t) = tracker() else { return };
