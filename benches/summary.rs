@@ -23,6 +23,8 @@ const RUNS: usize = 7;
 const LATENCY_RUNS: usize = 15;
 /// Runs of the slow-source cases.
 const SLOW_RUNS: usize = 5;
+/// Rounds of each dirty-tracking method at each dirty fraction.
+const DIRTY_ROUNDS: usize = 5;
 
 fn med(f: impl Fn() -> Duration) -> Duration {
     median((0..RUNS).map(|_| f()).collect())
@@ -279,6 +281,12 @@ fn main() {
     }
     eprintln!("measured slow sources");
 
+    let mut notes = Vec::new();
+    if run("dirty tracking") {
+        notes.extend(dirty_rows(&mut rows));
+        eprintln!("measured dirty tracking");
+    }
+
     let msgs = harness::fault_messages();
     let rounds = 20_000;
     let d = median((0..3).map(|_| harness::decode(&msgs, rounds)).collect());
@@ -296,7 +304,9 @@ fn main() {
          cores), the ratio \
          being the median of the per-round ratios; handler CPU is the handler thread's CPU \
          time (user and system) per fault. Throughput: medians of {RUNS} runs; fault-around: of {RUNS} \
-         paired rounds; slow sources: of {SLOW_RUNS} rounds.\n",
+         paired rounds; slow sources: of {SLOW_RUNS} rounds; dirty tracking: of {DIRTY_ROUNDS} \
+         rounds per method and fraction; there the writer's floor is the same writes untracked \
+         (ratio = slowdown) and a round's floor is the synchronous write-protect round.\n",
         harness::cpus(),
         kernel(),
         harness::page_size(),
@@ -335,6 +345,9 @@ fn main() {
         "\nDecode: {:.1} M messages/s through `decode_message`.",
         rate / 1e6
     );
+    for note in &notes {
+        let _ = writeln!(md, "\n{note}");
+    }
     print!("{md}");
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -343,6 +356,87 @@ fn main() {
         Ok(()) => eprintln!("written to {}", out.display()),
         Err(e) => eprintln!("could not write {}: {e}", out.display()),
     }
+}
+
+/// Dirty-page tracking over 1 GiB (issue 15): for each method and each
+/// fraction of pages written per round, the writer's time per round beside
+/// the same writes untracked (ratio = slowdown), and the round time beside
+/// the synchronous write-protect round's (ratio = method / sync).
+/// Returns a note when a method could not be measured here.
+fn dirty_rows(rows: &mut Vec<Row>) -> Option<String> {
+    use harness::DirtyMethod as M;
+    const GROUP: &str = "dirty tracking (1 GiB)";
+    let percents = [1usize, 10];
+    let soft_dirty = harness::soft_dirty_supported();
+    let methods: &[M] = if soft_dirty {
+        &[M::Async, M::SyncWp, M::SoftDirty]
+    } else {
+        &[M::Async, M::SyncWp]
+    };
+    let runs: Vec<Vec<harness::DirtyRun>> = methods
+        .iter()
+        .map(|&m| {
+            let r = harness::dirty_tracking(m, 1 << 30, &percents, DIRTY_ROUNDS);
+            eprintln!("measured dirty tracking: {}", m.name());
+            r
+        })
+        .collect();
+    let ms = |v: &[Duration]| median(v.to_vec()).as_secs_f64() * 1e3;
+    for (p, &pct) in percents.iter().enumerate() {
+        let slowdown = |m: usize| ms(&runs[m][p].writer) / ms(&runs[m][p].floor);
+        // Slowdown as the time added to the writer, over the untracked floor.
+        let added = |m: usize| ms(&runs[m][p].writer) - ms(&runs[m][p].floor);
+        for (m, method) in methods.iter().enumerate() {
+            let row = Row::new(
+                GROUP,
+                format!("{pct}% of pages per round: writer, {}", method.name()),
+                "ms/round",
+                ms(&runs[m][p].writer),
+                ms(&runs[m][p].floor),
+            );
+            rows.push(row);
+        }
+        // Async (0) against sync write-protect faults (1).
+        let mut row = Row::new(
+            GROUP,
+            format!(
+                "{pct}%: writer time added, async / sync WP (slowdown x{:.2} / x{:.2}, ratio of \
+                 slowdowns {:.3})",
+                slowdown(0),
+                slowdown(1),
+                slowdown(0) / slowdown(1)
+            ),
+            "ms/round",
+            added(0),
+            added(1),
+        );
+        if pct == 10 {
+            row.target = "async slowdown <= 1/10 of sync WP at 10% (<= 0.10)";
+        }
+        rows.push(row);
+        let sync_round = ms(&runs[1][p].round);
+        for (m, method) in methods.iter().enumerate() {
+            let mut row = Row::new(
+                GROUP,
+                format!(
+                    "{pct}% of pages per round: round, {} / sync WP round",
+                    method.name()
+                ),
+                "ms/round",
+                ms(&runs[m][p].round),
+                sync_round,
+            );
+            if pct == 1 && *method == M::Async {
+                row.target = "async round <= 10% of sync round at 1% (<= 0.10)";
+            }
+            rows.push(row);
+        }
+    }
+    (!soft_dirty).then(|| {
+        "Dirty tracking: soft-dirty bits not measured, this kernel keeps none \
+         (built without `CONFIG_MEM_SOFT_DIRTY`: pagemap bit 55 stays clear after a write)."
+            .to_string()
+    })
 }
 
 fn kernel() -> String {

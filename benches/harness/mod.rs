@@ -11,7 +11,9 @@
 //!
 //! - the measurements: [`latency`](mod@latency), [`throughput`](mod@throughput),
 //!   [`fault_around`](mod@fault_around), [`slow_source`](mod@slow_source)
-//!   (with its precise [`delay`]), [`decode`](mod@decode);
+//!   (with its precise [`delay`]), [`decode`](mod@decode),
+//!   [`dirty`] (dirty-page tracking: async, sync write-protect faults,
+//!   soft-dirty bits);
 //! - what they run: [`raw`], the floor's handlers (libc only), and
 //!   [`crate_paths`], the crate's handlers, runtimes and server thread;
 //! - what they stand on: [`case`] (the words a case is described in),
@@ -29,6 +31,7 @@ mod cpu_time;
 mod crate_paths;
 mod decode;
 mod delay;
+mod dirty;
 mod fault_around;
 mod latency;
 mod memory;
@@ -42,6 +45,7 @@ pub use case::{Op, Side};
 pub use cpu::{cpus, Pin};
 pub use cpu_time::last_handler_cpu;
 pub use decode::{decode, fault_messages};
+pub use dirty::{dirty_tracking, soft_dirty_supported, DirtyRun, Method as DirtyMethod};
 pub use fault_around::fault_around;
 pub use latency::{latency, Path};
 pub use memory::page_size;
