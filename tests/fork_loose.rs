@@ -11,23 +11,7 @@
 mod common;
 
 use common::*;
-use tokio_uffd::{
-    AsyncUffd, FaultHandler, FaultRequest, Features, HandlerError, Resolution, Server,
-};
-
-/// Every page is 0xa5 bytes, wherever it is (no regions).
-struct Filled;
-
-impl FaultHandler for Filled {
-    async fn fault<'a>(
-        &'a self,
-        _req: &'a FaultRequest,
-        buf: &'a mut [u8],
-    ) -> Result<Resolution, HandlerError> {
-        buf.fill(0xa5);
-        Ok(Resolution::Copy)
-    }
-}
+use tokio_uffd::{AsyncUffd, Features, Server};
 
 #[test]
 fn a_page_freed_outside_regions_before_a_fork_reads_zero_in_the_child() {

@@ -857,18 +857,6 @@ fn removed_pages_outside_every_region_read_zero() {
         return;
     };
     let page = uffd.page_size();
-    /// Every page is 0xa5 bytes.
-    struct Filled;
-    impl FaultHandler for Filled {
-        async fn fault<'a>(
-            &'a self,
-            _req: &'a FaultRequest,
-            buf: &'a mut [u8],
-        ) -> Result<Resolution, HandlerError> {
-            buf.fill(0xa5);
-            Ok(Resolution::Copy)
-        }
-    }
     let rt = multi_thread_rt();
     rt.block_on(async {
         let handle = Server::new(AsyncUffd::new(uffd).unwrap(), Filled).spawn();

@@ -556,3 +556,20 @@ impl tokio_uffd::FaultHandler for HeldPages {
         Ok(tokio_uffd::Resolution::Copy)
     }
 }
+
+/// A handler whose every page is 0xa5 bytes, wherever it is (no regions
+/// needed).
+#[cfg(feature = "async")]
+pub struct Filled;
+
+#[cfg(feature = "async")]
+impl tokio_uffd::FaultHandler for Filled {
+    async fn fault<'a>(
+        &'a self,
+        _req: &'a tokio_uffd::FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<tokio_uffd::Resolution, tokio_uffd::HandlerError> {
+        buf.fill(0xa5);
+        Ok(tokio_uffd::Resolution::Copy)
+    }
+}
