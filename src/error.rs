@@ -273,6 +273,21 @@ pub enum Error {
         problem: String,
     },
 
+    /// A working set could not be read, written, or used for this
+    /// server's regions.
+    #[cfg(feature = "async")]
+    #[error(transparent)]
+    WorkingSet(#[from] crate::working_set::WorkingSetError),
+
+    /// [`ServerHandle::resident`](crate::ServerHandle::resident): the
+    /// memory did not become, or cannot become, fully resident.
+    #[cfg(feature = "async")]
+    #[error("the memory did not become fully resident: {reason}")]
+    NotResident {
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// The server itself failed (its task panicked or was cancelled).
     #[error("{reason}")]
     Server {
@@ -494,7 +509,9 @@ impl Error {
             #[cfg(feature = "async")]
             Error::InvalidRegion { .. } => ErrorKind::InvalidInput,
             #[cfg(feature = "async")]
-            Error::Handler(_) => ErrorKind::Other,
+            Error::WorkingSet(_) => ErrorKind::InvalidInput,
+            #[cfg(feature = "async")]
+            Error::Handler(_) | Error::NotResident { .. } => ErrorKind::Other,
             Error::PartialMessage { .. }
             | Error::UnknownEvent { .. }
             | Error::BadMessage { .. }

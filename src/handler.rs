@@ -33,6 +33,12 @@ pub struct FaultRequest {
     pub source: SourceId,
     /// The offset of `addr` in that source; outside any region, `addr`.
     pub offset: u64,
+    /// No thread waits on this request: the server is prefetching a
+    /// recorded working set ([`Server::warm`](crate::Server::warm)) or
+    /// filling memory in the background ([`Server::fill`](crate::Server::fill)).
+    /// `fault_addr` is then `addr`, `kind` [`FaultKind::Missing`],
+    /// `write` false and `thread_id` `None`.
+    pub background: bool,
 }
 
 /// How to resolve a [`FaultRequest`].

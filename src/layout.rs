@@ -136,17 +136,51 @@ pub(crate) struct RegionState {
     /// Pages freed by `MADV_DONTNEED`/`MADV_REMOVE`: served as zeros from
     /// now on, never from the source again.
     pub(crate) removed: BitSet,
+    /// The index of the region (in the server's sorted table) this one was
+    /// split from or is: splits and moves keep it.
+    pub(crate) origin: usize,
+    /// The index, in that region, of this one's first page.
+    pub(crate) origin_first: usize,
 }
 
 impl RegionState {
-    fn new(region: Region) -> Self {
+    fn new(region: Region, origin: usize) -> Self {
         let pages = region.len / region.page_size;
         Self {
             region,
             served: BitSet::new(pages),
             inflight: BitSet::new(pages),
             removed: BitSet::new(pages),
+            origin,
+            origin_first: 0,
         }
+    }
+
+    /// The pages the region holds.
+    pub(crate) fn pages(&self) -> usize {
+        self.region.len / self.region.page_size
+    }
+
+    /// Whether page `i` is neither served, nor being resolved, nor freed.
+    pub(crate) fn is_free(&self, i: usize) -> bool {
+        !self.served.get(i) && !self.inflight.get(i) && !self.removed.get(i)
+    }
+
+    /// How many pages are free (see [`is_free`](Self::is_free)) and how
+    /// many are being resolved.
+    pub(crate) fn unsettled(&self) -> (usize, usize) {
+        let (mut free, mut inflight) = (0, 0);
+        let words = self.served.words.iter().zip(&self.inflight.words);
+        for (w, ((s, i), r)) in words.zip(&self.removed.words).enumerate() {
+            let valid = if (w + 1) * 64 <= self.served.len {
+                u64::MAX
+            } else {
+                (1u64 << (self.served.len % 64)) - 1
+            };
+            free += (!(s | i | r) & valid).count_ones() as usize;
+            inflight += (i & valid).count_ones() as usize;
+        }
+        (free, inflight)
     }
 
     pub(crate) fn page_index(&self, addr: usize) -> usize {
@@ -170,6 +204,8 @@ impl RegionState {
             served: self.served.split_off(idx),
             inflight: self.inflight.split_off(idx),
             removed: self.removed.split_off(idx),
+            origin: self.origin,
+            origin_first: self.origin_first + idx,
         }
     }
 }
@@ -184,7 +220,11 @@ impl Layout {
     pub(crate) fn new(mut regions: Vec<Region>) -> Self {
         regions.sort_by_key(|r| r.start);
         Self {
-            regions: regions.into_iter().map(RegionState::new).collect(),
+            regions: regions
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| RegionState::new(r, i))
+                .collect(),
         }
     }
 
@@ -193,6 +233,15 @@ impl Layout {
         let i = self.regions.partition_point(|r| r.region.start <= addr);
         let i = i.checked_sub(1)?;
         self.regions[i].region.contains(addr).then_some(i)
+    }
+
+    /// The region holding page `page` of the server's region `origin`
+    /// (wherever it is now), and the page's index there.
+    pub(crate) fn find_origin(&self, origin: usize, page: usize) -> Option<(usize, usize)> {
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            (r.origin == origin && page >= r.origin_first && page - r.origin_first < r.pages())
+                .then(|| (i, page - r.origin_first))
+        })
     }
 
     /// Makes `addr` a region boundary if it falls strictly inside one.

@@ -185,6 +185,8 @@ mod source;
 mod stats;
 #[cfg(feature = "async")]
 mod trace;
+#[cfg(feature = "async")]
+mod working_set;
 
 #[cfg(feature = "async")]
 pub use error::{FailureAction, FaultFailure};
@@ -193,11 +195,13 @@ pub use handler::{FaultHandler, FaultRequest, HandlerError, Resolution, SourceHa
 #[cfg(feature = "async")]
 pub use region::{Region, SourceId};
 #[cfg(feature = "async")]
-pub use server::{thread_id, FailurePolicy, ForkPolicy, Server, ServerExit, ServerHandle};
+pub use server::{thread_id, FailurePolicy, Fill, ForkPolicy, Server, ServerExit, ServerHandle};
 #[cfg(feature = "async")]
 pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
 #[cfg(feature = "async")]
 pub use stats::{Latency, Stall, Stats, StatsSnapshot};
+#[cfg(feature = "async")]
+pub use working_set::{PageRun, RecordedRegion, WorkingSet, WorkingSetError, WORKING_SET_VERSION};
 
 /// The README's code, compiled as a doctest.
 #[cfg(all(doctest, feature = "async"))]

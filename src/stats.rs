@@ -110,6 +110,15 @@ pub struct Stats {
     pub(crate) unmaps: AtomicU64,
     /// Stalled faults (and episodes of unread faults) the watchdog reported.
     pub(crate) stalls: AtomicU64,
+    /// Pages in the warm plan (the working set given to `Server::warm`).
+    pub(crate) working_set_pages: AtomicU64,
+    pub(crate) pages_warmed: AtomicU64,
+    pub(crate) pages_filled: AtomicU64,
+    pub(crate) faults_ahead_of_prefetch: AtomicU64,
+    pub(crate) background_failures: AtomicU64,
+    /// Nanoseconds from the server's start to every page of every region
+    /// resident, plus one; 0 until then.
+    resident_after: AtomicU64,
     latency: Histogram,
     last_error: Mutex<Option<String>>,
     failures: Mutex<Failures>,
@@ -151,6 +160,12 @@ impl Stats {
             remaps: z(),
             unmaps: z(),
             stalls: z(),
+            working_set_pages: z(),
+            pages_warmed: z(),
+            pages_filled: z(),
+            faults_ahead_of_prefetch: z(),
+            background_failures: z(),
+            resident_after: z(),
             latency: Histogram::new(),
             last_error: Mutex::new(None),
             failures: Mutex::new(Failures::default()),
@@ -165,6 +180,12 @@ impl Stats {
     pub(crate) fn record_latency(&self, d: Duration) {
         self.latency
             .record(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// Records the time from the server's start to every page resident.
+    pub(crate) fn set_resident_after(&self, d: Duration) {
+        let ns = d.as_nanos().min(u128::from(u64::MAX - 1)) as u64;
+        self.resident_after.store(ns + 1, Relaxed);
     }
 
     pub(crate) fn set_error(&self, e: String) {
@@ -253,6 +274,15 @@ impl Stats {
             remaps: l(&self.remaps),
             unmaps: l(&self.unmaps),
             stalls: l(&self.stalls),
+            working_set_pages: l(&self.working_set_pages),
+            pages_warmed: l(&self.pages_warmed),
+            pages_filled: l(&self.pages_filled),
+            faults_ahead_of_prefetch: l(&self.faults_ahead_of_prefetch),
+            background_failures: l(&self.background_failures),
+            time_to_resident: match l(&self.resident_after) {
+                0 => None,
+                ns => Some(Duration::from_nanos(ns - 1)),
+            },
             latency: self.latency.summary(),
         }
     }
@@ -303,6 +333,28 @@ pub struct StatsSnapshot {
     /// threshold without being read (one per episode) or without being
     /// resolved (one per fault). See [`Stats::last_stall`].
     pub stalls: u64,
+    /// Pages of the working set given to [`Server::warm`](crate::Server::warm)
+    /// (distinct pages the plan covers).
+    pub working_set_pages: u64,
+    /// Pages the warm prefetch served from the working set, before any
+    /// fault on them.
+    pub pages_warmed: u64,
+    /// Pages the background fill served (see
+    /// [`Server::fill`](crate::Server::fill)).
+    pub pages_filled: u64,
+    /// Faults taken on pages of the working set that the warm prefetch had
+    /// not reached yet (served at once on their own path). Faults on pages
+    /// it was copying at that moment count as [`duplicates`](Self::duplicates).
+    pub faults_ahead_of_prefetch: u64,
+    /// Prefetch and fill copies that failed (their pages are left to be
+    /// served on a fault, which applies the failure policy if it fails
+    /// again). Each is in [`Stats::last_failure`] with
+    /// [`FailureAction::Dropped`](crate::FailureAction::Dropped).
+    pub background_failures: u64,
+    /// Time from the server's start until every page of every region was
+    /// resident (served, or freed by the program), once the background
+    /// fill got there; `None` before, or without a fill.
+    pub time_to_resident: Option<Duration>,
     /// Latency from reading a fault to its resolution.
     pub latency: Latency,
 }

@@ -20,7 +20,14 @@ impl<H: FaultHandler> Reader<H> {
         let Done { mut job, outcome } = done;
         if job.counted {
             job.counted = false;
-            self.inflight -= 1;
+            if job.kind.is_background() {
+                self.background_done();
+            } else {
+                self.inflight -= 1;
+            }
+        }
+        if job.kind.is_background() {
+            return Ok(self.finish_background(job, outcome));
         }
         let retrying = match &outcome {
             Outcome::Park => true,
@@ -103,6 +110,52 @@ impl<H: FaultHandler> Reader<H> {
             }
         }
         Ok(None)
+    }
+
+    /// A warm-prefetch or fill job: no thread waits on it, so a failure
+    /// only leaves its pages missing (a fault there later is served, or
+    /// fails, on its own), and no page is ever poisoned for it.
+    fn finish_background(&mut self, mut job: Box<Job>, outcome: Outcome) -> Option<ServerExit> {
+        let wake = |reader: &Self, job: &Job| {
+            // Faults on its pages were taken for duplicates of it.
+            let (lo, hi) = job.span();
+            let _ = reader.shared.uffd.wake(lo, hi - lo);
+        };
+        match outcome {
+            Outcome::Resolved => self.settle(&job, true),
+            Outcome::Park => {
+                if job.deadline.is_none() {
+                    job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
+                }
+                self.parked.push(job);
+                return None;
+            }
+            Outcome::Replan => {
+                // A Remove overlapped it: walk its pages again (the freed
+                // ones are skipped now).
+                self.settle(&job, false);
+                wake(self, &job);
+                self.requeue_job(&job);
+            }
+            Outcome::Gone => {
+                self.settle(&job, false);
+                wake(self, &job);
+            }
+            Outcome::Exited => {
+                self.settle(&job, false);
+                return Some(ServerExit::ProcessExited);
+            }
+            Outcome::Failed { run, cause } => {
+                self.settle(&job, false);
+                wake(self, &job);
+                Stats::add(&self.shared.stats.background_failures, 1);
+                let failure = failure(&job, run, cause, FailureAction::Dropped);
+                trace::report_failure(&failure);
+                self.shared.stats.record_failure(&failure);
+            }
+        }
+        self.recycle(job);
+        None
     }
 
     pub(super) async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration) {
@@ -228,6 +281,13 @@ impl<H: FaultHandler> Reader<H> {
                 Outcome::Park if job.deadline.is_some_and(|d| now > d) => {
                     let cause: Cause =
                         Arc::new(ServeError::KeptChanging(self.shared.config.retry_timeout));
+                    if job.kind.is_background() {
+                        let failed = Outcome::Failed { run: 0, cause };
+                        if let Some(exit) = self.finish_background(job, failed) {
+                            return Ok(Some(exit));
+                        }
+                        continue;
+                    }
                     if job.runs[0].resolution == Some(Resolution::Poison) {
                         // Even poisoning cannot get through: give up on it,
                         // and wake whoever waits there (their faults were

@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::stats::{Stats, StatsSnapshot};
 
 use super::policy::ServerExit;
+use super::restore::{Progress, SharedRecorder};
 use super::stop::StopSignal;
+use crate::working_set::WorkingSet;
 
 /// A handle to a spawned [`Server`](crate::Server): its statistics, and a graceful stop.
 ///
@@ -24,6 +26,9 @@ pub struct ServerHandle {
     pub(super) stats: Arc<Stats>,
     pub(super) uffd: AsyncUffd,
     pub(super) task: Option<tokio::task::JoinHandle<Result<ServerExit>>>,
+    pub(super) recorder: Option<SharedRecorder>,
+    /// With a background fill: where the restore stands.
+    pub(super) resident: Option<tokio::sync::watch::Receiver<Progress>>,
 }
 
 impl ServerHandle {
@@ -37,6 +42,53 @@ impl ServerHandle {
     /// The live statistics, to keep after the handle is gone.
     pub fn stats_ref(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The working set recorded so far, with
+    /// [`Server::record`](crate::Server::record); `None` without it. Take
+    /// it once the program is ready (what it needed to get there), or at
+    /// the end.
+    pub fn working_set(&self) -> Option<WorkingSet> {
+        let recorder = self.recorder.as_ref()?;
+        let recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
+        Some(recorder.working_set())
+    }
+
+    /// Waits until every page of every region is resident (served by a
+    /// fault, the warm prefetch or the fill, or freed by the program), and
+    /// returns how long after the server's start that was. With
+    /// [`Fill::Unbounded`](crate::Fill::Unbounded), awaiting this before
+    /// the program runs is eager population.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotResident`] without [`Server::fill`](crate::Server::fill),
+    /// if the server ended first, or if pages stayed missing because their
+    /// copies kept failing (see [`Stats::last_failure`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn resident(&self) -> Result<std::time::Duration> {
+        let Some(rx) = &self.resident else {
+            return Err(Error::NotResident {
+                reason: "the server has no background fill: give it one with Server::fill".into(),
+            });
+        };
+        let mut rx = rx.clone();
+        let outcome = rx.wait_for(|p| *p != Progress::Running).await.map(|p| *p);
+        match outcome {
+            Ok(Progress::Resident(after)) => Ok(after),
+            Ok(Progress::Incomplete { missing }) => Err(Error::NotResident {
+                reason: format!(
+                    "{missing} pages are still missing after the fill's last pass: their copies \
+                     failed (Stats::last_failure says why)"
+                ),
+            }),
+            Ok(Progress::Running) | Err(_) => Err(Error::NotResident {
+                reason: "the server ended before every page was resident".into(),
+            }),
+        }
     }
 
     /// The userfaultfd the server reads. The handle keeps it open; clone it

@@ -26,6 +26,24 @@ pub(super) struct Run {
     pub(super) done: usize,
 }
 
+/// Why a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum JobKind {
+    /// A thread faulted.
+    Fault,
+    /// The warm prefetch of a working set.
+    Warm,
+    /// The background fill.
+    Fill,
+}
+
+impl JobKind {
+    /// Whether no thread waits on the job.
+    pub(super) fn is_background(self) -> bool {
+        self != JobKind::Fault
+    }
+}
+
 /// One fault and the runs resolved for it. Run 0 holds the faulting page;
 /// the others are prefetched around it.
 pub(super) struct Job {
@@ -54,6 +72,7 @@ pub(super) struct Job {
     pub(super) existed: usize,
     /// Its entry on the stall board while it waits in a task or parked.
     pub(super) watch: Option<u64>,
+    pub(super) kind: JobKind,
 }
 
 impl Job {
@@ -181,6 +200,7 @@ pub(super) fn new_job(
         generation,
         existed: 0,
         watch: None,
+        kind: JobKind::Fault,
     };
     match spare.pop() {
         Some(mut job) => {

@@ -15,12 +15,14 @@ mod plan;
 mod policy;
 mod reader;
 mod resolve;
+mod restore;
 mod shared;
 mod stop;
 mod watchdog;
 
 pub use handle::ServerHandle;
 pub use policy::{FailurePolicy, ForkPolicy, ServerExit};
+pub use restore::Fill;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -34,8 +36,10 @@ use crate::handler::FaultHandler;
 use crate::layout::{Layout, Region};
 use crate::stats::Stats;
 use crate::trace;
+use crate::working_set::WorkingSet;
 
 use reader::Reader;
+use restore::{Recorder, Restore, RestoreConfig, SharedRecorder};
 use shared::{Config, Shared};
 use stop::{StopOnDrop, StopSignal};
 use watchdog::{StallBoard, Watchdog};
@@ -103,6 +107,11 @@ pub struct Server<H> {
     stall_threshold: Option<Duration>,
     child_probe: Duration,
     stats: Arc<Stats>,
+    record: bool,
+    warm: Option<WorkingSet>,
+    fill: Option<Fill>,
+    background_concurrency: usize,
+    background_chunk: usize,
 }
 
 impl<H> fmt::Debug for Server<H> {
@@ -114,6 +123,9 @@ impl<H> fmt::Debug for Server<H> {
             .field("concurrency", &self.concurrency)
             .field("failure", &self.failure)
             .field("fork", &self.fork)
+            .field("record", &self.record)
+            .field("warm_pages", &self.warm.as_ref().map(WorkingSet::pages))
+            .field("fill", &self.fill)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +145,10 @@ const STOP_DRAIN_READS: u32 = 64;
 /// is parked, before it goes back to its loop (completions, the stop, the
 /// retries of parked work).
 const DRAIN_READS: u32 = 4;
+/// The default of [`Server::background_concurrency`].
+const DEFAULT_BACKGROUND_CONCURRENCY: usize = 2;
+/// The default of [`Server::background_chunk`].
+const DEFAULT_BACKGROUND_CHUNK: usize = 1 << 20;
 
 impl<H: FaultHandler> Server<H> {
     /// A server for `uffd` with `handler`, no regions (faults anywhere are
@@ -154,6 +170,11 @@ impl<H: FaultHandler> Server<H> {
             stall_threshold: Some(DEFAULT_STALL),
             child_probe: DEFAULT_CHILD_PROBE,
             stats: Arc::new(Stats::new()),
+            record: false,
+            warm: None,
+            fill: None,
+            background_concurrency: DEFAULT_BACKGROUND_CONCURRENCY,
+            background_chunk: DEFAULT_BACKGROUND_CHUNK,
         }
     }
 
@@ -171,7 +192,93 @@ impl<H: FaultHandler> Server<H> {
     pub fn regions(mut self, regions: impl IntoIterator<Item = Region>) -> Result<Self> {
         let all = self.regions.iter().copied().chain(regions);
         self.regions = crate::layout::checked_regions(all, self.uffd.page_size())?;
+        if let Some(ws) = &self.warm {
+            ws.match_regions(&self.regions)?;
+        }
         Ok(self)
+    }
+
+    /// Records the working set of this restore: the pages planned for
+    /// faults in the server's regions, in the order they were first
+    /// faulted, each once. Read it with [`ServerHandle::working_set`] (once
+    /// the program is ready, say), save it with [`WorkingSet::save`], and
+    /// give it to [`warm`](Self::warm) next time.
+    ///
+    /// With a fault-around window ([`prefetch`](Self::prefetch)) the pages
+    /// served with a fault are recorded with it: the next restore then
+    /// copies what this one copied. With a window of 1 the set is exactly
+    /// the pages the program touched. Pages copied by the warm prefetch or
+    /// the fill are not recorded (no thread touched them to get there), so
+    /// recording a warm restore records its misses only: record a cold
+    /// restore.
+    ///
+    /// The cost is a bit per page, and an entry per run of pages touched
+    /// in a row.
+    pub fn record(mut self) -> Self {
+        self.record = true;
+        self
+    }
+
+    /// Prefetches `working_set`, recorded by an earlier restore of the same
+    /// image ([`record`](Self::record)), from the moment the server starts.
+    ///
+    /// A background task walks the set in recorded order and copies the
+    /// pages no one has yet, coalescing contiguous ones into copies of up
+    /// to [`background_chunk`](Self::background_chunk) bytes, with at most
+    /// [`background_concurrency`](Self::background_concurrency) in flight.
+    /// Faults are served on their own path meanwhile: one on a page the
+    /// prefetch has not reached is served at once, and counted in
+    /// [`StatsSnapshot::faults_ahead_of_prefetch`](crate::StatsSnapshot::faults_ahead_of_prefetch).
+    /// Every guarantee of the server holds for prefetched pages: a page
+    /// freed by the program (a `Remove`) is never filled with the image
+    /// afterwards; `EEXIST`, `EAGAIN`, `Unmap` and `Remap` are handled as
+    /// for faults (the prefetch follows a moved region). A prefetch copy
+    /// that fails leaves its pages to be served on a fault.
+    ///
+    /// Call it after [`regions`](Self::regions).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkingSet`] if the set was recorded for other memory: its
+    /// regions (source, offset, length, page size) must be exactly the
+    /// server's.
+    pub fn warm(mut self, working_set: WorkingSet) -> Result<Self> {
+        working_set.match_regions(&self.regions)?;
+        self.warm = Some(working_set);
+        Ok(self)
+    }
+
+    /// Fills every page of every region in the background, after the warm
+    /// prefetch if there is one, at the rate `fill` allows, so that the
+    /// program runs on without further faults (what Cloud Hypervisor does
+    /// after a restore). [`ServerHandle::resident`] waits until every page
+    /// is there.
+    ///
+    /// [`Fill::Unbounded`] and waiting for [`ServerHandle::resident`]
+    /// before letting the program run is *eager* population: the baseline
+    /// a lazy restore is measured against.
+    pub fn fill(mut self, fill: Fill) -> Self {
+        self.fill = Some(fill);
+        self
+    }
+
+    /// The most warm-prefetch and fill copies in flight at once (default
+    /// 2, at least 1). They run outside the fault
+    /// [`concurrency`](Self::concurrency) limit, so a fault never waits for
+    /// a slot behind them.
+    pub fn background_concurrency(mut self, jobs: usize) -> Self {
+        self.background_concurrency = jobs.max(1);
+        self
+    }
+
+    /// The most bytes one warm-prefetch or fill copy covers (default 1 MiB,
+    /// at least one page): larger copies cost fewer system calls, but a
+    /// fault on a page being copied waits for the whole copy. A source
+    /// without [`bytes_at`](crate::PageSource::bytes_at) reads that much
+    /// into a buffer per copy in flight.
+    pub fn background_chunk(mut self, bytes: usize) -> Self {
+        self.background_chunk = bytes;
+        self
     }
 
     /// Resolves an aligned window of `pages` pages (clipped to the region,
@@ -274,7 +381,9 @@ impl<H: FaultHandler> Server<H> {
         // servers of forked children stop with it.
         let _stop_children = StopOnDrop(stop.clone());
         let watch = self.start_watchdog();
-        let server = self.run_until(stop.clone(), watch);
+        let recorder = self.recorder();
+        let (progress, _) = tokio::sync::watch::channel(restore::Progress::Running);
+        let server = self.run_until(stop.clone(), watch, recorder, progress);
         tokio::pin!(server);
         tokio::select! {
             r = &mut server => return r,
@@ -297,13 +406,24 @@ impl<H: FaultHandler> Server<H> {
         // Started here, not in the task: it watches even if the task never
         // gets to run.
         let watch = self.start_watchdog();
-        let task = tokio::spawn(self.run_until(stop.clone(), watch));
+        let recorder = self.recorder();
+        let (progress, resident) = tokio::sync::watch::channel(restore::Progress::Running);
+        let filling = self.fill.is_some();
+        let task = tokio::spawn(self.run_until(stop.clone(), watch, recorder.clone(), progress));
         ServerHandle {
             stop,
             stats,
             uffd,
             task: Some(task),
+            recorder,
+            resident: filling.then_some(resident),
         }
+    }
+
+    /// The recorder, if recording.
+    fn recorder(&self) -> Option<SharedRecorder> {
+        self.record
+            .then(|| Arc::new(std::sync::Mutex::new(Recorder::new(&self.regions))))
     }
 
     /// The stall board and the watchdog thread reading it, if asked for.
@@ -326,8 +446,32 @@ impl<H: FaultHandler> Server<H> {
         self,
         stop: Arc<StopSignal>,
         watch: Result<Option<(Arc<StallBoard>, Watchdog)>>,
+        recorder: Option<SharedRecorder>,
+        progress: tokio::sync::watch::Sender<restore::Progress>,
     ) -> Result<ServerExit> {
         let watch = watch?;
+        // The warm plan names the server's regions in their sorted order
+        // (the page map's), checked when it was given.
+        let plan = match &self.warm {
+            Some(ws) => {
+                let map = ws.match_regions(&self.regions)?;
+                ws.runs()
+                    .iter()
+                    .map(|r| crate::working_set::PageRun {
+                        region: map[r.region],
+                        ..*r
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let restore_config =
+            (self.warm.is_some() || self.fill.is_some()).then_some(RestoreConfig {
+                plan,
+                fill: self.fill,
+                concurrency: self.background_concurrency,
+                chunk: self.background_chunk,
+            });
         let config = Config {
             page_size: self.uffd.page_size(),
             failure: self.failure,
@@ -349,6 +493,11 @@ impl<H: FaultHandler> Server<H> {
             None,
         );
         reader.watch = watch;
+        reader.recorder = recorder;
+        if let Some(config) = restore_config {
+            let restore = Restore::new(config, &reader.layout, progress, &reader.shared.stats);
+            reader.restore = Some(restore);
+        }
         trace::in_span(span, reader.run(stream)).await
     }
 }

@@ -233,6 +233,25 @@ impl<H: FaultHandler> Reader<H> {
             rs.inflight.set_range(s, s + run.len / ps, true);
         }
         job.buf_len = buf_off;
+        let (origin, first) = (rs.origin, rs.origin_first);
+        if missing {
+            if self
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.ahead(origin, first + idx))
+            {
+                Stats::add(&self.shared.stats.faults_ahead_of_prefetch, 1);
+            }
+            if let Some(recorder) = &self.recorder {
+                // The pages planned for the fault, the faulting page's run
+                // first: what this restore needed, in the order it did.
+                let mut recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
+                for run in job.runs() {
+                    let s = (run.addr - region.start) / ps;
+                    recorder.record(origin, first + s, run.len / ps);
+                }
+            }
+        }
         Some(job)
     }
 

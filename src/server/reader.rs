@@ -19,6 +19,7 @@ use crate::trace;
 
 use super::job::{Done, Job};
 use super::policy::{ForkPolicy, ServerExit};
+use super::restore::{Restore, SharedRecorder};
 use super::shared::Shared;
 use super::stop::{StopSignal, StopWait};
 use super::watchdog::{StallBoard, Watchdog};
@@ -65,6 +66,10 @@ pub(super) struct Reader<H> {
     /// The servers of forked children: awaited when this one stops (they
     /// stop with it), left running (detached) when it ends otherwise.
     pub(super) children: Vec<tokio::task::JoinHandle<()>>,
+    /// The warm prefetch and background fill (the top-level server's only).
+    pub(super) restore: Option<Restore>,
+    /// The working set being recorded (the top-level server's only).
+    pub(super) recorder: Option<SharedRecorder>,
 }
 
 impl<H: FaultHandler> Reader<H> {
@@ -98,6 +103,8 @@ impl<H: FaultHandler> Reader<H> {
             stop,
             stopping: false,
             children: Vec::new(),
+            restore: None,
+            recorder: None,
         }
     }
 
@@ -143,7 +150,11 @@ impl<H: FaultHandler> Reader<H> {
             if !self.stopping && self.stop.is_stopped() {
                 self.begin_stopping();
             }
-            if self.stopping && self.inflight == 0 && self.parked.is_empty() {
+            if !self.stopping {
+                self.feed_background();
+            }
+            let background = self.restore.as_ref().map_or(0, |r| r.inflight);
+            if self.stopping && self.inflight == 0 && background == 0 && self.parked.is_empty() {
                 // With EVENT_FORK a forking thread sleeps until its Fork is
                 // read, even once this uffd is dropped (the half-made child
                 // holds a copy of it): read what is queued before ending,
@@ -169,13 +180,22 @@ impl<H: FaultHandler> Reader<H> {
             }
             let retry_at = self.parked.iter().filter_map(|j| j.deadline).min();
             let reading = !self.stopping || !self.parked.is_empty();
+            // A bounded fill waits for its next slot.
+            let fill_at = self
+                .restore
+                .as_ref()
+                .and_then(Restore::waiting_until)
+                .filter(|_| !self.stopping);
             let step = tokio::select! {
                 biased;
                 // Only spawned tasks report here; none, none to wait for.
-                Some(done) = self.rx.recv(), if self.inflight > 0 => self.finish(done).await,
+                Some(done) = self.rx.recv(), if self.inflight > 0 || background > 0 => {
+                    self.finish(done).await
+                }
                 event = stream.next_event(), if reading => self.after_read(event, &mut stream).await,
                 _ = sleep_until_retry(retry_at), if retry_at.is_some() => self.retry_parked().await,
                 _ = tick(&mut probe), if probe.is_some() => self.probe_owner(&mut probe),
+                () = sleep_until_fill(fill_at), if fill_at.is_some() => Ok(None),
                 () = std::future::poll_fn(|cx| stop.poll_stopped(cx)), if !self.stopping => {
                     self.begin_stopping();
                     Ok(None)
@@ -446,6 +466,14 @@ pub(super) async fn tick(probe: &mut Option<tokio::time::Interval>) {
         Some(probe) => {
             probe.tick().await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// Until the bounded fill may start its next job.
+async fn sleep_until_fill(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }

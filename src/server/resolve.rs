@@ -11,7 +11,7 @@ use crate::handler::{FaultHandler, FaultRequest, Resolution};
 use crate::stats::Stats;
 use crate::trace;
 
-use super::job::{failure, Cause, Job, Outcome, Run, ServeError};
+use super::job::{failure, Cause, Job, JobKind, Outcome, Run, ServeError};
 use super::shared::Shared;
 use super::MAX_WINDOW_BYTES;
 
@@ -123,6 +123,7 @@ pub(super) fn request(job: &Job, run: &Run) -> FaultRequest {
         thread_id: job.fault.thread_id,
         source: job.source,
         offset: run.offset,
+        background: job.kind.is_background(),
     }
 }
 
@@ -151,7 +152,13 @@ pub(super) fn apply_and_account<H: FaultHandler>(shared: &Shared<H>, job: &mut J
         let pages = (bytes / job.page_size) as u64;
         Stats::add(&stats.pages_served, pages);
         Stats::add(&stats.bytes_served, bytes as u64);
-        if job.runs[0].resolution == Some(Resolution::Poison) {
+        if job.kind == JobKind::Warm {
+            Stats::add(&stats.pages_warmed, pages);
+            return outcome;
+        } else if job.kind == JobKind::Fill {
+            Stats::add(&stats.pages_filled, pages);
+            return outcome;
+        } else if job.runs[0].resolution == Some(Resolution::Poison) {
             // A parked poisoning that got through at last.
             Stats::add(&stats.poisoned, 1);
         } else if job.zero_fill && pages == 0 {

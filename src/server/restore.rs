@@ -1,0 +1,473 @@
+//! The restore engine on the reader: recording the working set, the warm
+//! prefetch of a recorded one, and the background fill.
+//!
+//! Background jobs are planned on the page map like faults (their pages
+//! marked in flight, so a fault there waits for them as for any resolution
+//! in flight) and run in tasks of their own, outside the fault concurrency
+//! limit: a fault never waits for a permit behind them, and a fault on a
+//! page they have not reached is planned and served at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::event::PageFault;
+use crate::flags::PageFaultFlags;
+use crate::handler::FaultHandler;
+use crate::layout::{BitSet, Layout, Region};
+use crate::stats::Stats;
+use crate::trace;
+use crate::working_set::{PageRun, RecordedRegion, WorkingSet};
+
+use super::job::{new_job, Done, Job, JobKind, Run};
+use super::reader::Reader;
+use super::resolve::{decide_direct, execute};
+use super::MAX_RUNS;
+
+/// How fast the background fill may copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fill {
+    /// As fast as the copies go (eager population, the baseline of a lazy
+    /// restore).
+    Unbounded,
+    /// At most this many bytes per second, on average.
+    BytesPerSecond(u64),
+}
+
+/// Where a restore stands, as the handle sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// Prefetching or filling.
+    Running,
+    /// Every page of every region is resident, this long after the start.
+    Resident(Duration),
+    /// The fill walked every region three times and pages are still
+    /// missing (their copies failed).
+    Incomplete { missing: u64 },
+}
+
+/// The working set being recorded: the pages planned for faults, in order,
+/// each once.
+#[derive(Debug)]
+pub(super) struct Recorder {
+    seen: Vec<BitSet>,
+    set: WorkingSet,
+}
+
+impl Recorder {
+    pub(super) fn new(regions: &[Region]) -> Self {
+        let mut sorted = regions.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        Self {
+            seen: sorted
+                .iter()
+                .map(|r| BitSet::new(r.len / r.page_size))
+                .collect(),
+            set: WorkingSet::new(sorted.iter().map(RecordedRegion::of).collect()),
+        }
+    }
+
+    /// Records pages `first..first + pages` of region `origin`, those not
+    /// recorded yet, in order.
+    pub(super) fn record(&mut self, origin: usize, first: usize, pages: usize) {
+        let Some(seen) = self.seen.get_mut(origin) else {
+            return;
+        };
+        for p in first..first + pages {
+            if !seen.get(p) {
+                seen.set(p, true);
+                self.set.append(origin, p as u64, 1);
+            }
+        }
+    }
+
+    pub(super) fn working_set(&self) -> WorkingSet {
+        self.set.clone()
+    }
+}
+
+/// What the server was asked to do beyond faults, before it starts.
+#[derive(Debug, Default)]
+pub(super) struct RestoreConfig {
+    /// The warm plan: runs naming regions by their index in the server's
+    /// sorted table.
+    pub(super) plan: Vec<PageRun>,
+    pub(super) fill: Option<Fill>,
+    pub(super) concurrency: usize,
+    pub(super) chunk: usize,
+}
+
+/// A page the walk yields: region (by origin), page index, and why.
+type Candidate = (usize, usize, JobKind);
+
+/// The reader's restore state.
+#[derive(Debug)]
+pub(super) struct Restore {
+    plan: Vec<PageRun>,
+    next_run: usize,
+    next_page: u64,
+    /// Pages of the plan, per region, for `faults_ahead_of_prefetch`.
+    planned: Vec<BitSet>,
+    fill: Option<Fill>,
+    origin_pages: Vec<usize>,
+    fill_origin: usize,
+    fill_page: usize,
+    fill_passes: u32,
+    /// Pages to walk again first (a job planned again after a Remove), in
+    /// order.
+    requeue: VecDeque<(usize, usize, usize, JobKind)>,
+    /// A page the walk yielded that did not fit the job being built.
+    pending: Option<Candidate>,
+    pub(super) inflight: usize,
+    concurrency: usize,
+    chunk: usize,
+    /// With a bounded fill: no fill job before this.
+    next_at: Option<Instant>,
+    started: Instant,
+    /// The walk found nothing left.
+    exhausted: bool,
+    /// Resident, or given up on: nothing more to do.
+    finished: bool,
+    progress: watch::Sender<Progress>,
+}
+
+/// The most passes the fill makes over pages whose copies failed.
+const FILL_PASSES: u32 = 3;
+
+impl Restore {
+    pub(super) fn new(
+        config: RestoreConfig,
+        layout: &Layout,
+        progress: watch::Sender<Progress>,
+        stats: &Stats,
+    ) -> Self {
+        let origin_pages: Vec<usize> = layout.regions.iter().map(|r| r.pages()).collect();
+        let mut planned: Vec<BitSet> = origin_pages.iter().map(|&n| BitSet::new(n)).collect();
+        let mut distinct = 0;
+        for run in &config.plan {
+            for p in run.first..run.first + run.pages {
+                let p = p as usize;
+                if !planned[run.region].get(p) {
+                    planned[run.region].set(p, true);
+                    distinct += 1;
+                }
+            }
+        }
+        Stats::add(&stats.working_set_pages, distinct);
+        Self {
+            plan: config.plan,
+            next_run: 0,
+            next_page: 0,
+            planned,
+            fill: config.fill,
+            origin_pages,
+            fill_origin: 0,
+            fill_page: 0,
+            fill_passes: 1,
+            requeue: VecDeque::new(),
+            pending: None,
+            inflight: 0,
+            concurrency: config.concurrency.max(1),
+            chunk: config.chunk,
+            next_at: None,
+            started: Instant::now(),
+            exhausted: false,
+            finished: false,
+            progress,
+        }
+    }
+
+    /// Whether page `page` of region `origin` is in the warm plan and the
+    /// prefetch has not walked past it yet.
+    pub(super) fn ahead(&self, origin: usize, page: usize) -> bool {
+        self.next_run < self.plan.len() && self.planned.get(origin).is_some_and(|b| b.get(page))
+    }
+
+    fn next_candidate(&mut self) -> Option<Candidate> {
+        if let Some(c) = self.pending.take() {
+            return Some(c);
+        }
+        if let Some(next) = self.requeue.front_mut() {
+            let c = (next.0, next.1, next.3);
+            next.1 += 1;
+            next.2 -= 1;
+            if next.2 == 0 {
+                self.requeue.pop_front();
+            }
+            return Some(c);
+        }
+        while let Some(run) = self.plan.get(self.next_run) {
+            if self.next_page < run.pages {
+                let page = (run.first + self.next_page) as usize;
+                self.next_page += 1;
+                return Some((run.region, page, JobKind::Warm));
+            }
+            self.next_run += 1;
+            self.next_page = 0;
+        }
+        self.fill?;
+        while let Some(&pages) = self.origin_pages.get(self.fill_origin) {
+            if self.fill_page < pages {
+                self.fill_page += 1;
+                return Some((self.fill_origin, self.fill_page - 1, JobKind::Fill));
+            }
+            self.fill_origin += 1;
+            self.fill_page = 0;
+        }
+        None
+    }
+
+    /// When a bounded fill that has room for a job may start it, if that
+    /// is later than now.
+    pub(super) fn waiting_until(&self) -> Option<Instant> {
+        let at = self.next_at?;
+        let idle = !self.finished && !self.exhausted && self.inflight < self.concurrency;
+        (idle && at > Instant::now()).then_some(at)
+    }
+
+    /// Pages `first..first + pages` of region `origin` to walk again.
+    pub(super) fn requeue(&mut self, origin: usize, first: usize, pages: usize, kind: JobKind) {
+        if pages == 0 {
+            return;
+        }
+        self.exhausted = false;
+        if let Some(last) = self.requeue.back_mut() {
+            if (last.0, last.1 + last.2, last.3) == (origin, first, kind) {
+                last.2 += pages;
+                return;
+            }
+        }
+        self.requeue.push_back((origin, first, pages, kind));
+    }
+}
+
+impl<H: FaultHandler> Reader<H> {
+    /// Starts background jobs while there is room and work (and the fill's
+    /// rate allows), then checks whether the memory became resident.
+    pub(super) fn feed_background(&mut self) {
+        while self.start_background_jobs() {}
+    }
+
+    /// Starts what can start now; whether another pass of the fill began
+    /// (then there is more to start).
+    fn start_background_jobs(&mut self) -> bool {
+        loop {
+            let Some(restore) = &self.restore else {
+                return false;
+            };
+            if self.stopping
+                || restore.finished
+                || restore.exhausted
+                || restore.inflight >= restore.concurrency
+                || restore.next_at.is_some_and(|at| Instant::now() < at)
+            {
+                break;
+            }
+            let Some(job) = self.next_background_job() else {
+                if let Some(r) = &mut self.restore {
+                    r.exhausted = true;
+                }
+                break;
+            };
+            if let (JobKind::Fill, Some(restore)) = (job.kind, &mut self.restore) {
+                if let Some(Fill::BytesPerSecond(rate)) = restore.fill {
+                    let now = Instant::now();
+                    let at = restore.next_at.map_or(now, |at| at.max(now));
+                    let secs = job.buf_len as f64 / rate.max(1) as f64;
+                    restore.next_at = Some(at + Duration::from_secs_f64(secs));
+                }
+            }
+            self.spawn_background(job);
+        }
+        self.check_resident()
+    }
+
+    /// The next job of the walk: up to `chunk` bytes of free pages of one
+    /// region, in at most `MAX_RUNS` runs, contiguous pages coalesced.
+    fn next_background_job(&mut self) -> Option<Box<Job>> {
+        let Reader {
+            restore,
+            layout,
+            spare,
+            shared,
+            ..
+        } = self;
+        let restore = restore.as_mut()?;
+        let generation = shared.gate.as_ref().map_or(0, |g| g.generation());
+        let mut job: Option<(Box<Job>, usize)> = None;
+        let mut bytes = 0;
+        while let Some(c @ (origin, page, kind)) = restore.next_candidate() {
+            // Gone (unmapped) or served meanwhile: skip it.
+            let Some((ri, idx)) = layout.find_origin(origin, page) else {
+                continue;
+            };
+            let rs = &mut layout.regions[ri];
+            if !rs.is_free(idx) {
+                continue;
+            }
+            let region = rs.region;
+            let ps = region.page_size;
+            let addr = region.start + idx * ps;
+            match &mut job {
+                None => {
+                    let fault = PageFault {
+                        address: addr,
+                        flags: PageFaultFlags::empty(),
+                        thread_id: None,
+                    };
+                    let mut j = new_job(
+                        spare,
+                        fault,
+                        addr,
+                        ps,
+                        region.source,
+                        Instant::now(),
+                        generation,
+                    );
+                    j.kind = kind;
+                    j.runs[0] = Run {
+                        addr,
+                        len: ps,
+                        offset: region.offset + (addr - region.start) as u64,
+                        ..Run::default()
+                    };
+                    j.nruns = 1;
+                    job = Some((j, ri));
+                }
+                Some((j, jri)) => {
+                    if *jri != ri || j.kind != kind || bytes + ps > restore.chunk {
+                        restore.pending = Some(c);
+                        break;
+                    }
+                    let last = &mut j.runs[j.nruns - 1];
+                    if last.addr + last.len == addr {
+                        last.len += ps;
+                    } else if j.nruns == MAX_RUNS {
+                        restore.pending = Some(c);
+                        break;
+                    } else {
+                        j.runs[j.nruns] = Run {
+                            addr,
+                            len: ps,
+                            offset: region.offset + (addr - region.start) as u64,
+                            buf_off: bytes,
+                            ..Run::default()
+                        };
+                        j.nruns += 1;
+                    }
+                }
+            }
+            rs.inflight.set(idx, true);
+            bytes += ps;
+        }
+        let (mut job, _) = job?;
+        job.buf_len = bytes;
+        Some(job)
+    }
+
+    /// Runs a background job in a task of its own (not under the fault
+    /// concurrency limit; the restore's own bounds it).
+    fn spawn_background(&mut self, mut job: Box<Job>) {
+        let Some(restore) = &mut self.restore else {
+            return;
+        };
+        restore.inflight += 1;
+        job.counted = true;
+        // Copies straight from the source's bytes where it has them; a
+        // task anyway, so that a large copy never holds up the reader.
+        decide_direct(&self.shared, &mut job);
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let outcome = execute(&shared, &mut job).await;
+            let _ = tx.send(Done { job, outcome });
+        });
+    }
+
+    /// Puts the pages of a background job that did not complete back on
+    /// the walk (where they are now).
+    pub(super) fn requeue_job(&mut self, job: &Job) {
+        let Some(restore) = &mut self.restore else {
+            return;
+        };
+        for run in job.runs() {
+            let mut addr = run.addr;
+            while addr < run.addr + run.len {
+                let Some(ri) = self.layout.find(addr) else {
+                    addr += job.page_size;
+                    continue;
+                };
+                let rs = &self.layout.regions[ri];
+                let idx = rs.page_index(addr);
+                restore.requeue(rs.origin, rs.origin_first + idx, 1, job.kind);
+                addr += rs.region.page_size;
+            }
+        }
+    }
+
+    /// Once the walk is done and no background job is in flight: resident
+    /// if every page is served (or freed), another pass of the fill over
+    /// pages whose copies failed, or, after the last pass, incomplete.
+    fn check_resident(&mut self) -> bool {
+        let Some(restore) = &mut self.restore else {
+            return false;
+        };
+        if restore.finished || !restore.exhausted || restore.inflight > 0 {
+            return false;
+        }
+        if restore.fill.is_none() {
+            // The warm prefetch alone: done with the plan.
+            restore.finished = true;
+            trace::event!(debug, "warm prefetch done");
+            return false;
+        }
+        let (free, inflight) = self
+            .layout
+            .regions
+            .iter()
+            .map(|r| r.unsettled())
+            .fold((0, 0), |(f, i), (a, b)| (f + a, i + b));
+        if free == 0 && inflight == 0 {
+            let took = restore.started.elapsed();
+            restore.finished = true;
+            self.shared.stats.set_resident_after(took);
+            let _ = restore.progress.send(Progress::Resident(took));
+            trace::event!(debug, after = ?took, "every page is resident");
+        } else if free > 0 && restore.fill_passes < FILL_PASSES {
+            restore.fill_passes += 1;
+            restore.fill_origin = 0;
+            restore.fill_page = 0;
+            restore.exhausted = false;
+            return true;
+        } else if free > 0 && inflight == 0 {
+            restore.finished = true;
+            let _ = restore.progress.send(Progress::Incomplete {
+                missing: free as u64,
+            });
+            trace::event!(
+                warn,
+                missing = free,
+                "background fill gave up: pages are still missing after {FILL_PASSES} passes \
+                 (their copies failed; see the last failure)"
+            );
+        }
+        // Otherwise pages are being resolved for faults: checked again when
+        // they finish.
+        false
+    }
+
+    /// The restore's state, and the recorder's working set, for a
+    /// background job that finished (`counted` off).
+    pub(super) fn background_done(&mut self) {
+        if let Some(r) = &mut self.restore {
+            r.inflight -= 1;
+        }
+    }
+}
+
+/// Shared between a server's reader and its handle: the recorder, if
+/// recording.
+pub(super) type SharedRecorder = Arc<Mutex<Recorder>>;
