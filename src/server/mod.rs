@@ -214,6 +214,74 @@ impl<H: FaultHandler> Server<H> {
     ///
     /// The cost is a bit per page, and an entry per run of pages touched
     /// in a row.
+    ///
+    /// # Example
+    ///
+    /// A cold restore records what the program touched; the next restore
+    /// of the same image, mapped elsewhere, prefetches exactly that while
+    /// the program starts, then fills the rest in the background.
+    ///
+    /// ```
+    /// use tokio_uffd::{AsyncUffd, Fill, MemorySource, Region, RegisterMode, Server, SourceHandler, Uffd};
+    ///
+    /// /// Fresh memory of `len` bytes registered with a new userfaultfd.
+    /// fn fresh(len: usize) -> Result<(Uffd, usize), Box<dyn std::error::Error>> {
+    ///     let uffd = Uffd::new()?;
+    ///     // SAFETY: a fresh anonymous mapping that nothing else uses.
+    ///     let mem = unsafe {
+    ///         libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+    ///                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    ///     };
+    ///     assert_ne!(mem, libc::MAP_FAILED);
+    ///     // SAFETY: the mapping is ours and only the server fills it.
+    ///     unsafe { uffd.register(mem as usize, len, RegisterMode::MISSING)? };
+    ///     Ok((uffd, mem as usize))
+    /// }
+    ///
+    /// /// The program: reads pages 3, 4 and 9 from a plain thread.
+    /// async fn program(base: usize, page: usize) -> Vec<u8> {
+    ///     tokio::task::spawn_blocking(move || {
+    ///         // SAFETY: the registered mapping, which the server fills.
+    ///         [3, 4, 9].map(|p| unsafe { *((base + p * page) as *const u8) }).to_vec()
+    ///     })
+    ///     .await
+    ///     .unwrap()
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let page = tokio_uffd::sys::page_size();
+    /// let len = 16 * page;
+    /// let image: Vec<u8> = (0..len).map(|i| (i / page) as u8).collect();
+    /// let source = MemorySource::new(image);
+    ///
+    /// // Cold, recording.
+    /// let (uffd, base) = fresh(len)?;
+    /// let handle = Server::new(AsyncUffd::new(uffd)?, SourceHandler::new(source.clone()))
+    ///     .regions([Region::new(base..base + len)])?
+    ///     .record()
+    ///     .spawn();
+    /// assert_eq!(program(base, page).await, [3, 4, 9]);
+    /// let working_set = handle.working_set().expect("recording");
+    /// assert_eq!(handle.shutdown().await?, tokio_uffd::ServerExit::Stopped);
+    /// assert_eq!(working_set.pages(), 3);
+    ///
+    /// // Warm, elsewhere: the three pages are prefetched, the rest filled.
+    /// let (uffd, base) = fresh(len)?;
+    /// let handle = Server::new(AsyncUffd::new(uffd)?, SourceHandler::new(source))
+    ///     .regions([Region::new(base..base + len)])?
+    ///     .warm(working_set)?
+    ///     .fill(Fill::Unbounded)
+    ///     .spawn();
+    /// handle.resident().await?;
+    /// assert_eq!(program(base, page).await, [3, 4, 9]);
+    /// let stats = handle.stats_ref();
+    /// handle.shutdown().await?;
+    /// let stats = stats.snapshot();
+    /// assert_eq!((stats.faults_missing, stats.pages_warmed, stats.pages_filled), (0, 3, 13));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn record(mut self) -> Self {
         self.record = true;
         self
