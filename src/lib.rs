@@ -197,7 +197,7 @@ pub use region::{Region, SourceId};
 #[cfg(feature = "async")]
 pub use server::{thread_id, FailurePolicy, Fill, ForkPolicy, Server, ServerExit, ServerHandle};
 #[cfg(feature = "async")]
-pub use source::{BoxedSource, FileSource, MemorySource, PageSource, ZeroSource};
+pub use source::{BoxedSource, FileSource, MemorySource, MmapSource, PageSource, ZeroSource};
 #[cfg(feature = "async")]
 pub use stats::{Latency, Stall, Stats, StatsSnapshot};
 #[cfg(feature = "async")]

@@ -22,12 +22,18 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{FcntlArg, FdFlag, OFlag};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::mman::{MapFlags, ProtFlags};
+
+// Memory mappings of this process: the owner probe's page, the read-only
+// file mappings of page sources, residency.
+mod mem;
+
+#[cfg(feature = "async")]
+pub(crate) use mem::FileMapping;
+pub(crate) use mem::{map_inaccessible_page, mmap_min_addr};
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -758,44 +764,4 @@ pub(crate) fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// - [`gettid(2)`](https://man7.org/linux/man-pages/man2/gettid.2.html)
 pub fn gettid() -> u32 {
     nix::unistd::gettid().as_raw() as u32
-}
-
-/// `vm.mmap_min_addr` from `/proc/sys/vm/mmap_min_addr`, or `None` if it
-/// cannot be read (no procfs, a sandbox).
-pub(crate) fn mmap_min_addr() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Maps one page that nothing can read or write (`PROT_NONE`, shared
-/// anonymous, `MAP_NORESERVE`) and returns its address. With `Some(addr)`
-/// the page goes exactly there or nowhere (`MAP_FIXED_NOREPLACE`: an
-/// existing mapping is never replaced; kernels before 4.17 treat the flag as
-/// a hint, so a page placed elsewhere is unmapped again and reported as
-/// `EEXIST`). With `None` the kernel picks the address.
-///
-/// The page is never unmapped: it is the owner probe's source (see
-/// `Uffd::owner_exited`), whose whole point is that a read of it fails.
-pub(crate) fn map_inaccessible_page(addr: Option<usize>, page_size: usize) -> io::Result<usize> {
-    let mut flags = MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE;
-    if addr.is_some() {
-        flags |= MapFlags::MAP_FIXED_NOREPLACE;
-    }
-    let len = NonZeroUsize::new(page_size).ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
-    // `None` is a null hint, which MAP_FIXED_NOREPLACE takes as address 0.
-    let hint = addr.and_then(NonZeroUsize::new);
-    // SAFETY: a new inaccessible mapping; MAP_FIXED_NOREPLACE never replaces
-    // an existing one, so no memory of this process changes.
-    let p = unsafe { nix::sys::mman::mmap_anonymous(hint, len, ProtFlags::PROT_NONE, flags) }?;
-    if let Some(want) = addr {
-        if p.as_ptr() as usize != want {
-            // SAFETY: unmapping the page this call just mapped.
-            let _ = unsafe { nix::sys::mman::munmap(p, page_size) };
-            return Err(io::Error::from_raw_os_error(libc::EEXIST));
-        }
-    }
-    Ok(p.as_ptr() as usize)
 }
