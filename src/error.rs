@@ -461,6 +461,10 @@ fn ioctl_hint(op: Op, e: &io::Error) -> &'static str {
             " (the range is already registered with another userfaultfd)"
         }
         (_, Some(libc::ENOENT)) => " (the range is not registered or is no longer mapped)",
+        (Op::Copy, Some(libc::EFAULT)) => {
+            " (the source bytes could not be read: an address outside the process, or a file \
+             mapping past the end of its file, which shrank after it was mapped)"
+        }
         (_, Some(libc::ENOTTY)) => " (the running kernel does not implement this ioctl)",
         _ => "",
     }

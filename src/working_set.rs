@@ -6,26 +6,6 @@
 //! [`Server::warm`](crate::Server::warm). Pages are named by region and
 //! page index, never by address: the next restore maps its memory
 //! elsewhere.
-//!
-//! # File format (version 1)
-//!
-//! All integers little-endian.
-//!
-//! | bytes | field |
-//! |---|---|
-//! | 8 | magic `UFFDWSET` |
-//! | 4 | version, 1 |
-//! | 4 | region count `R` |
-//! | 8 | run count `N` |
-//! | 8 | page count (the sum of the runs' lengths) |
-//! | `R` × 32 | per region: source id, source offset, length in bytes, page size (4 × u64) |
-//! | `N` × 16 | per run, in first-touch order: region index (u32), pages (u32), first page index (u64) |
-//! | 8 | FNV-1a 64 of every byte before it |
-//!
-//! A file is refused with a [`WorkingSetError`] that says what is wrong:
-//! another magic, another version, a length that does not match its
-//! counts (truncated), a checksum that does not match (damaged), a region
-//! whose page size or length is impossible, or a run outside its region.
 
 use std::fmt;
 use std::io;
@@ -186,8 +166,28 @@ pub enum WorkingSetError {
 /// [`Server::warm`](crate::Server::warm) prefetches.
 ///
 /// Pages are named by region and page index, so the set applies to the
-/// same image mapped anywhere. It is saved in a small versioned file (see
-/// the [module docs](self) for the format) that is validated when loaded.
+/// same image mapped anywhere. It is saved in a small versioned file that
+/// is validated when loaded (the format is below).
+///
+/// # File format (version 1)
+///
+/// All integers little-endian.
+///
+/// | bytes | field |
+/// |---|---|
+/// | 8 | magic `UFFDWSET` |
+/// | 4 | version, 1 |
+/// | 4 | region count `R` |
+/// | 8 | run count `N` |
+/// | 8 | page count (the sum of the runs' lengths) |
+/// | `R` × 32 | per region: source id, source offset, length in bytes, page size (4 × u64) |
+/// | `N` × 16 | per run, in first-touch order: region index (u32), pages (u32), first page index (u64) |
+/// | 8 | FNV-1a 64 of every byte before it |
+///
+/// A file is refused with a [`WorkingSetError`] that says what is wrong:
+/// another magic, another version, a length that does not match its
+/// counts (truncated), a checksum that does not match (damaged), a region
+/// whose page size or length is impossible, or a run outside its region.
 ///
 /// ```
 /// use tokio_uffd::{PageRun, RecordedRegion, SourceId, WorkingSet};

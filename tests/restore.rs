@@ -671,3 +671,76 @@ fn resident_without_a_fill_or_after_failed_copies_is_a_clear_error() {
     });
     drop(mem);
 }
+
+/// A handler that offers a run's bytes in memory once and no longer when
+/// the server comes to copy them (a file's page evicted in between): the
+/// second `bytes_for` call for a run says no.
+struct VanishingBytes {
+    image: MemorySource,
+    calls: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    fetched: AtomicUsize,
+}
+
+impl tokio_uffd::FaultHandler for VanishingBytes {
+    fn bytes_for(&self, req: &tokio_uffd::FaultRequest) -> Option<&[u8]> {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.entry(req.offset).or_default();
+        *n += 1;
+        if *n == 2 {
+            return None;
+        }
+        self.image.bytes_at(req.offset, req.len)
+    }
+
+    async fn fault<'a>(
+        &'a self,
+        req: &'a tokio_uffd::FaultRequest,
+        buf: &'a mut [u8],
+    ) -> Result<tokio_uffd::Resolution, tokio_uffd::HandlerError> {
+        self.fetched.fetch_add(1, Ordering::SeqCst);
+        self.image.read_at(req.offset, buf).await?;
+        Ok(tokio_uffd::Resolution::Copy)
+    }
+}
+
+#[test]
+fn bytes_that_vanish_before_the_copy_are_fetched_through_fault() {
+    let pages = 32;
+    let Some((uffd, mem)) = registered_anon(pages, Features::empty()) else {
+        return;
+    };
+    let page = uffd.page_size();
+    let (base, len) = (mem.addr, pages * page);
+    let handler = Arc::new(VanishingBytes {
+        image: MemorySource::new(image(len)),
+        calls: Default::default(),
+        fetched: AtomicUsize::new(0),
+    });
+    let mut ws = whole(pages, page);
+    ws = {
+        let mut w = WorkingSet::new(ws.regions().to_vec());
+        w.push(0, 16, 16).unwrap();
+        w
+    };
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let handle = Server::new(AsyncUffd::new(uffd).unwrap(), handler.clone())
+            .regions([Region::new(base..base + len)])
+            .unwrap()
+            .warm(ws)
+            .unwrap()
+            .background_chunk(4 * page)
+            .spawn();
+        wait_stats(&handle, "the prefetch done", |s| s.pages_warmed == 16);
+        // Faults on the first half, with a window of one page.
+        tokio::task::spawn_blocking(move || check_image(base, page, 0..pages))
+            .await
+            .unwrap();
+        let stats = final_stats(handle).await;
+        assert_eq!(stats.faults_missing, 16, "{stats:?}");
+        assert_eq!(stats.handler_failures + stats.poisoned, 0, "{stats:?}");
+        assert_eq!(stats.background_failures, 0, "{stats:?}");
+    });
+    // Each of the 4 prefetch copies and the 16 faults fetched once.
+    assert_eq!(handler.fetched.load(Ordering::SeqCst), 20);
+}

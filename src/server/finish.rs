@@ -30,7 +30,7 @@ impl<H: FaultHandler> Reader<H> {
             return Ok(self.finish_background(job, outcome));
         }
         let retrying = match &outcome {
-            Outcome::Park => true,
+            Outcome::Park | Outcome::Refetch => true,
             Outcome::Failed { .. } => matches!(
                 self.shared.config.failure,
                 FailurePolicy::Retry { attempts, .. } if job.attempt < attempts && !job.zero_fill
@@ -73,6 +73,11 @@ impl<H: FaultHandler> Reader<H> {
                     return Box::pin(self.start(job)).await;
                 }
             }
+            Outcome::Refetch => {
+                // Fetched through the handler's `fault` in a task; the
+                // runs applied already stay applied.
+                self.respawn(job, Duration::ZERO, false).await;
+            }
             Outcome::Gone => {
                 self.settle(&job, false);
                 // Whoever waits anywhere in the job faults again (or finds
@@ -102,7 +107,7 @@ impl<H: FaultHandler> Reader<H> {
                             r.direct = false;
                             r.done = 0;
                         }
-                        self.respawn(job, backoff).await;
+                        self.respawn(job, backoff, true).await;
                         return Ok(None);
                     }
                 }
@@ -137,6 +142,11 @@ impl<H: FaultHandler> Reader<H> {
                 wake(self, &job);
                 self.requeue_job(&job);
             }
+            Outcome::Refetch => {
+                job.attempt += 1;
+                self.spawn_background(job);
+                return None;
+            }
             Outcome::Gone => {
                 self.settle(&job, false);
                 wake(self, &job);
@@ -158,9 +168,13 @@ impl<H: FaultHandler> Reader<H> {
         None
     }
 
-    pub(super) async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration) {
+    /// Runs `job` again in a task, after `backoff`; `redecide` asks the
+    /// handler's `bytes_for` again first.
+    pub(super) async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration, redecide: bool) {
         let permit = self.take_slot().await;
-        decide_direct(&self.shared, &mut job);
+        if redecide {
+            decide_direct(&self.shared, &mut job);
+        }
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {

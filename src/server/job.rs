@@ -118,6 +118,10 @@ pub(super) enum Outcome {
     /// A Remove overlapping the job was read while it was in flight: plan
     /// the fault again.
     Replan,
+    /// The handler no longer had in memory the bytes it had offered for a
+    /// run (`bytes_for`): fetch that run through its `fault` method and go
+    /// on from where the job stopped.
+    Refetch,
     /// Run `run` of the job failed.
     Failed {
         run: usize,
@@ -133,11 +137,6 @@ pub(super) type Cause = Arc<dyn std::error::Error + Send + Sync>;
 pub(super) enum ServeError {
     #[error("the handler panicked: {0}")]
     Panicked(String),
-    #[error(
-        "the handler's bytes_for returned nothing (or panicked, or a slice of another length) \
-         for a run it had returned bytes for"
-    )]
-    BytesGone,
     #[error(
         "the resolution kept failing with EAGAIN for {0:?}: the address space kept changing \
          (a fork, mremap, MADV_DONTNEED or munmap whose event was never read?)"

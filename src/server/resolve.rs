@@ -23,7 +23,8 @@ pub(super) async fn execute<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) 
         // Runs marked direct were decided by `decide_direct` on the reader.
         for i in 0..job.nruns {
             let run = job.runs[i];
-            if run.direct {
+            if run.direct || run.resolution.is_some() {
+                // Decided already (direct, or fetched before a refetch).
                 continue;
             }
             let req = request(job, &run);
@@ -198,11 +199,14 @@ pub(super) fn apply<H: FaultHandler>(shared: &Shared<H>, job: &mut Job) -> Outco
                     let flags = when(dontwake, CopyFlags::DONTWAKE);
                     if run.direct {
                         let Some(bytes) = direct_bytes(shared, job, &run) else {
+                            // The handler no longer has them in memory (a
+                            // file's page evicted since): its fault method
+                            // reads them, then the job goes on from here.
                             job.runs[i].done = done;
-                            return Outcome::Failed {
-                                run: i,
-                                cause: Arc::new(ServeError::BytesGone),
-                            };
+                            job.runs[i].direct = false;
+                            job.runs[i].resolution = None;
+                            job.decided = false;
+                            return Outcome::Refetch;
                         };
                         uffd.copy(addr, &bytes[done..], flags)
                     } else {

@@ -370,15 +370,19 @@ impl<H: FaultHandler> Reader<H> {
 
     /// Runs a background job in a task of its own (not under the fault
     /// concurrency limit; the restore's own bounds it).
-    fn spawn_background(&mut self, mut job: Box<Job>) {
+    pub(super) fn spawn_background(&mut self, mut job: Box<Job>) {
         let Some(restore) = &mut self.restore else {
             return;
         };
         restore.inflight += 1;
         job.counted = true;
-        // Copies straight from the source's bytes where it has them; a
-        // task anyway, so that a large copy never holds up the reader.
-        decide_direct(&self.shared, &mut job);
+        if job.attempt == 0 {
+            // Copies straight from the source's bytes where it has them
+            // (not again for a job whose bytes went missing: a refetch).
+            decide_direct(&self.shared, &mut job);
+        }
+        // A task even for a copy from memory: a large copy never holds up
+        // the reader.
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
