@@ -198,6 +198,8 @@ pub use region::{Region, SourceId};
 pub use server::{thread_id, FailurePolicy, Fill, ForkPolicy, Server, ServerExit, ServerHandle};
 #[cfg(feature = "async")]
 pub use source::{BoxedSource, FileSource, MemorySource, MmapSource, PageSource, ZeroSource};
+#[cfg(feature = "object-store")]
+pub use source::{ObjectReadError, ObjectStoreSource, ObjectStoreSourceBuilder, ObjectStoreStats};
 #[cfg(feature = "async")]
 pub use stats::{Latency, Stall, Stats, StatsSnapshot};
 #[cfg(feature = "async")]

@@ -11,9 +11,13 @@ use std::sync::Arc;
 
 mod file;
 mod mmap;
+#[cfg(feature = "object-store")]
+mod object;
 
 pub use file::FileSource;
 pub use mmap::MmapSource;
+#[cfg(feature = "object-store")]
+pub use object::{ObjectReadError, ObjectStoreSource, ObjectStoreSourceBuilder, ObjectStoreStats};
 
 /// Fills buffers with the bytes of a memory image at given offsets.
 ///
