@@ -27,6 +27,15 @@
 //!   edge cases (duplicates, `EEXIST`, `EAGAIN`, removed, remapped and
 //!   unmapped ranges, forks, failures, prefetch), with statistics, a stall
 //!   watchdog and `tracing` events (feature `tracing`, on by default).
+//!   Page sources: zeros, memory, a snapshot file mapped read-only
+//!   (`MmapSource`) or read with `pread` (`FileSource`), and an object in
+//!   object storage (`ObjectStoreSource`, feature `object-store`).
+//! - **The restore engine** (feature `async`): `Server::record` records the
+//!   working set of a restore into a `WorkingSet` (a small versioned file);
+//!   `Server::warm` prefetches it on the next restore while faults are
+//!   served; `Server::fill` fills the rest in the background, and
+//!   `ServerHandle::resident` waits until every page is there (eager
+//!   population when awaited first).
 //!
 //! # Example
 //!

@@ -303,7 +303,11 @@ impl<H: FaultHandler> Server<H> {
     /// for faults (the prefetch follows a moved region). A prefetch copy
     /// that fails leaves its pages to be served on a fault.
     ///
-    /// Call it after [`regions`](Self::regions).
+    /// Call it after [`regions`](Self::regions). Create the userfaultfd
+    /// with [`Features::EVENT_REMOVE`](crate::Features::EVENT_REMOVE):
+    /// without it the server is not told of pages the program frees
+    /// (`MADV_DONTNEED`), and the prefetch, like fault-around, would fill
+    /// them with the image again.
     ///
     /// # Errors
     ///
@@ -324,7 +328,9 @@ impl<H: FaultHandler> Server<H> {
     ///
     /// [`Fill::Unbounded`] and waiting for [`ServerHandle::resident`]
     /// before letting the program run is *eager* population: the baseline
-    /// a lazy restore is measured against.
+    /// a lazy restore is measured against. As for [`warm`](Self::warm),
+    /// ask for [`Features::EVENT_REMOVE`](crate::Features::EVENT_REMOVE) so
+    /// that pages the program frees are not filled again.
     pub fn fill(mut self, fill: Fill) -> Self {
         self.fill = Some(fill);
         self
