@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::file::{adopt_regular, open_regular, Opened};
@@ -45,12 +45,14 @@ use crate::sys::FileMapping;
 /// process. The pages it brought in, the neighbours read around them too,
 /// are then served from the mapping on the next faults.
 ///
-/// A range found in memory is remembered, in a small table of recent
-/// answers: the server may ask for the bytes of a run twice (when it
-/// decides how to serve it, then when it copies), and the second answer
-/// costs no system call and cannot turn into `None` if the kernel evicted
-/// the pages in between (the copy then reads them back inside the ioctl:
-/// slower, still correct).
+/// A page found in memory is remembered (a bit per page of the file), and
+/// `mincore` asks about the whole aligned block of
+/// 16 pages around a range at once: so a restore asks once per block, not
+/// once per fault, and the server's second look at a run (it asks when it
+/// decides how to serve it, then when it copies) costs no system call. A
+/// remembered page the kernel evicted since is read back from the disk
+/// inside the copy: slower, still correct. Each page of an image is
+/// normally served once per restore, so that is rare.
 ///
 /// The kernel tells page-cache residency only to a process that owns the
 /// file, could open it for writing, or has `CAP_FOWNER` (since Linux 5.0:
@@ -152,7 +154,8 @@ pub struct MmapSource {
     /// The file's name in errors.
     name: String,
     page_size: usize,
-    recent: Recent,
+    /// Pages found in the page cache, a bit each.
+    known: Box<[AtomicU64]>,
 }
 
 // `MmapSource` is `Send + Sync` through its fields: `FileMapping` is (see
@@ -215,6 +218,8 @@ impl MmapSource {
 
     fn mapped(opened: Opened) -> io::Result<Self> {
         let Opened { file, len, name } = opened;
+        let page_size = crate::sys::page_size();
+        let pages = usize::try_from(len.div_ceil(page_size as u64)).unwrap_or(usize::MAX);
         let map = if len == 0 {
             None
         } else {
@@ -240,8 +245,8 @@ impl MmapSource {
             len,
             map,
             name,
-            page_size: crate::sys::page_size(),
-            recent: Recent::new(),
+            page_size,
+            known: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -255,11 +260,20 @@ impl MmapSource {
         self.len == 0
     }
 
-    /// The slot of the table of recent answers for a range at `offset`:
-    /// by page number, so that the runs of a window, and neighbouring
-    /// faults, fall in different slots.
-    fn slot(&self, offset: u64) -> usize {
-        (offset / self.page_size as u64 % RECENT as u64) as usize
+    /// Whether pages `first..=last` are all known to be in the page cache.
+    fn known(&self, first: usize, last: usize) -> bool {
+        (first..=last).all(|p| {
+            self.known
+                .get(p / 64)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
+        })
+    }
+
+    /// Remembers page `p` as in the page cache.
+    fn note(&self, p: usize) {
+        if let Some(w) = self.known.get(p / 64) {
+            w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
     }
 }
 
@@ -278,14 +292,23 @@ impl PageSource for MmapSource {
             return None;
         }
         if len > 0 {
-            let slot = self.slot(offset);
-            if !self.recent.holds(slot, offset, len) {
+            let ps = self.page_size;
+            let (first, last) = (start / ps, (start + len - 1) / ps);
+            if !self.known(first, last) {
+                // The whole aligned block (or blocks) around the range: its
+                // neighbours are likely next.
+                let lo = first - first % PROBE_PAGES;
+                let hi = ((last / PROBE_PAGES + 1) * PROBE_PAGES).min(map.len() / ps);
+                let probe = map.residency(lo * ps, (hi - lo) * ps, |i, resident| {
+                    if resident {
+                        self.note(lo + i);
+                    }
+                });
                 // An error of mincore (EAGAIN: the kernel is short of
                 // memory) counts as not resident: read_at is never wrong.
-                if !map.resident(start, len).unwrap_or(false) {
+                if probe.is_err() || !self.known(first, last) {
                     return None;
                 }
-                self.recent.note(slot, offset, len);
             }
         }
         // SAFETY: the range is inside the mapping, and whoever built this
@@ -379,42 +402,8 @@ impl fmt::Debug for MmapSource {
     }
 }
 
-/// Slots in the table of recent answers.
-const RECENT: usize = 64;
-
-/// Ranges recently found in the page cache, one per slot: a direct-mapped
-/// table of `(offset, len)`, lock-free.
-///
-/// Two threads noting ranges in one slot at once can leave the offset of
-/// one with the length of the other: a range never checked then passes as
-/// resident, and the worst that costs is a copy that reads the disk inside
-/// the ioctl. A length of 0 marks an empty slot (an empty range is never
-/// looked up).
-struct Recent {
-    offsets: [AtomicU64; RECENT],
-    lens: [AtomicUsize; RECENT],
-}
-
-impl Recent {
-    fn new() -> Self {
-        Self {
-            offsets: [const { AtomicU64::new(0) }; RECENT],
-            lens: [const { AtomicUsize::new(0) }; RECENT],
-        }
-    }
-
-    /// Whether `slot` holds `offset..offset + len`.
-    fn holds(&self, slot: usize, offset: u64, len: usize) -> bool {
-        self.lens[slot].load(Ordering::Relaxed) == len
-            && self.offsets[slot].load(Ordering::Relaxed) == offset
-    }
-
-    /// Notes `offset..offset + len` in `slot`.
-    fn note(&self, slot: usize, offset: u64, len: usize) {
-        self.offsets[slot].store(offset, Ordering::Relaxed);
-        self.lens[slot].store(len, Ordering::Relaxed);
-    }
-}
+/// Pages `mincore` asks about at once, in aligned blocks.
+const PROBE_PAGES: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -555,43 +544,41 @@ mod tests {
         assert!(err.to_string().contains("cannot map"), "{err}");
     }
 
-    /// The table of recent answers: a range found resident stays so for
-    /// the server's second look, even once evicted; others are asked anew.
+    /// Pages found resident are remembered, the whole block around a range
+    /// asked at once; others are asked anew.
     #[tokio::test]
-    async fn a_range_found_resident_is_remembered() {
-        let dir = TempDir::new("mmap-recent");
+    async fn pages_found_resident_are_remembered_by_block() {
+        let dir = TempDir::new("mmap-known");
         let page = crate::sys::page_size();
-        let (path, data) = image_file(&dir, 8 * page);
+        let (path, data) = image_file(&dir, 4 * PROBE_PAGES * page);
         let file = File::open(&path).unwrap();
         // SAFETY: the test's own file, unchanged while the source exists
         // (eviction drops cached copies, not bytes).
         let src = unsafe { MmapSource::open(&path) }.unwrap();
-        assert!(src.bytes_at(2 * page as u64, page).is_some());
+        let at = |p: usize| (p * page) as u64;
+        assert!(src.bytes_at(at(2), page).is_some());
         if !evict(&file, &src) {
             eprintln!("SKIPPED: the file could not be evicted from the page cache (tmpfs?)");
             return;
         }
-        // The same range: remembered, from the mapping without a question.
-        // (Its bytes are not compared yet: reading them would bring the
-        // file back into the page cache, read-around and all.)
-        assert!(src.bytes_at(2 * page as u64, page).is_some());
-        // Another length at that offset, or another page: asked, not resident.
-        assert!(src.bytes_at(2 * page as u64, 2 * page).is_none());
-        assert!(src.bytes_at(3 * page as u64, page).is_none());
-        // A range in the same slot replaces the one remembered there.
-        let far = ((2 + RECENT) * page) as u64;
-        assert_eq!(src.slot(far), src.slot(2 * page as u64));
-        assert!(src.bytes_at(far, page).is_none()); // past the mapping
-        assert!(src.recent.holds(src.slot(far), 2 * page as u64, page));
-        src.recent.note(src.slot(far), far, page);
-        assert!(src.bytes_at(2 * page as u64, page).is_none());
-        // read_at brings it back into the page cache (without the table).
+        // Pages of the block asked about: remembered, served from the
+        // mapping without a question. (Their bytes are not compared yet:
+        // reading them would bring the file back into the page cache.)
+        assert!(src.bytes_at(at(2), page).is_some());
+        assert!(src.bytes_at(at(PROBE_PAGES - 1), page).is_some());
+        // The next block: asked, not resident.
+        assert!(src.bytes_at(at(PROBE_PAGES), page).is_none());
+        // A range across both: not all known, asked, not resident.
+        assert!(src.bytes_at(at(PROBE_PAGES - 1), 2 * page).is_none());
+        // read_at brings a page back into the page cache; then it is served
+        // from the mapping.
+        let p = 2 * PROBE_PAGES + 3;
         let mut buf = vec![0u8; page];
-        src.read_at(2 * page as u64, &mut buf).await.unwrap();
-        assert_eq!(buf, &data[2 * page..3 * page]);
+        src.read_at(at(p), &mut buf).await.unwrap();
+        assert_eq!(buf, &data[p * page..(p + 1) * page]);
         assert_eq!(
-            src.bytes_at(2 * page as u64, page).unwrap(),
-            &data[2 * page..3 * page]
+            src.bytes_at(at(p), page).unwrap(),
+            &data[p * page..(p + 1) * page]
         );
     }
 }

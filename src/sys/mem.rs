@@ -140,9 +140,19 @@ impl FileMapping {
         self.len
     }
 
-    /// Whether every page that `offset..offset + len` of the mapping
-    /// touches is in memory (in the page cache, for a file): `mincore(2)`,
-    /// one call per [`RESIDENCY_CHUNK`] pages. An empty range is.
+    /// Whether every page of `offset..offset + len` is in memory (see
+    /// [`residency`](Self::residency)).
+    #[cfg(test)]
+    pub(crate) fn resident(&self, offset: usize, len: usize) -> io::Result<bool> {
+        let mut all = true;
+        self.residency(offset, len, |_, resident| all &= resident)?;
+        Ok(all)
+    }
+
+    /// Calls `page(i, resident)` for each page `i` (counted from the one
+    /// holding `offset`) that `offset..offset + len` of the mapping
+    /// touches, with whether it is in memory (in the page cache, for a
+    /// file): `mincore(2)`, one call per [`RESIDENCY_CHUNK`] pages.
     ///
     /// The kernel answers truthfully only to a process that owns the file,
     /// could open it for writing, or has `CAP_FOWNER` (since Linux 5.0;
@@ -157,12 +167,18 @@ impl FileMapping {
     /// # References
     ///
     /// - [`mincore(2)`](https://man7.org/linux/man-pages/man2/mincore.2.html)
-    pub(crate) fn resident(&self, offset: usize, len: usize) -> io::Result<bool> {
+    pub(crate) fn residency(
+        &self,
+        offset: usize,
+        len: usize,
+        mut page: impl FnMut(usize, bool),
+    ) -> io::Result<()> {
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= self.len)
             .ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
-        let mut at = offset - offset % self.page_size;
+        let first = offset - offset % self.page_size;
+        let mut at = first;
         let mut vec = [0u8; RESIDENCY_CHUNK];
         while at < end {
             let pages = (end - at).div_ceil(self.page_size).min(RESIDENCY_CHUNK);
@@ -179,12 +195,13 @@ impl FileMapping {
                 return Err(io::Error::last_os_error());
             }
             // Only the lowest bit of each byte is defined: resident.
-            if vec[..pages].iter().any(|v| v & 1 == 0) {
-                return Ok(false);
+            let base = (at - first) / self.page_size;
+            for (i, v) in vec[..pages].iter().enumerate() {
+                page(base + i, v & 1 == 1);
             }
             at += bytes;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Faults the pages of `offset..offset + len` of the mapping in as a
