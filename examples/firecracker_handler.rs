@@ -30,17 +30,50 @@
 //! once the VMM is gone is its userfaultfd closed (closing it earlier would
 //! let the guest read zero pages). The other VMs are served on.
 //!
+//! The memory file is mapped read-only (`MmapSource`): a fault whose pages
+//! are in the page cache is served with one `UFFDIO_COPY` straight from the
+//! mapping, as in Firecracker's own example handler. The file must not be
+//! written or truncated while it is served; if it shrinks anyway, the pages
+//! past its new end cannot be served and the VM is stopped as above (the
+//! handler's own process gets no `SIGBUS`).
+//!
+//! # Recording and prefetching the working set
+//!
+//! A restored guest touches much the same pages every time it is restored.
+//! With `--record FILE` the handler records, per VM, the pages the guest
+//! faulted (with their fault-around neighbours) in first-touch order, and
+//! saves them to FILE when the VM disconnects (its VMM hangs up or exits;
+//! not when it is stopped for a failure). The regions are recorded by what
+//! identifies them, each one's offset in the memory file, length and page
+//! size, so the set applies to the next restore of the same snapshot
+//! wherever Firecracker maps the guest's memory. Several VMs at once each
+//! record their own set and save it when they leave (written to a temporary
+//! file and renamed: FILE is always whole): FILE then holds the set of the
+//! VM that left last.
+//!
+//! With `--warm FILE` every VM's server prefetches that set in the
+//! background, in recorded order, from the moment the VMM connects, while
+//! faults are served as usual. A set recorded for another region layout
+//! (another snapshot) is not used for that VM, which is then served on
+//! demand (the handler says so). `--fill` copies every other page too, in
+//! the background after the prefetch, so that the guest stops faulting
+//! (`--fill-rate` bounds its rate). Each VM's figures at the end say how
+//! many pages were prefetched, how many faults came ahead of the prefetch,
+//! and when every page was resident.
+//!
 //! ```text
 //! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem
+//! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem --record snapshot.ws
+//! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem --warm snapshot.ws --fill
 //! ```
 
 mod common;
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -51,8 +84,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_uffd::{
-    error_chain, AsyncUffd, FailurePolicy, FileSource, PageSource, Region, Server, ServerExit,
-    SourceHandler, Uffd,
+    error_chain, AsyncUffd, FailurePolicy, Fill, MmapSource, Region, Server, ServerExit,
+    SourceHandler, Uffd, WorkingSet,
 };
 
 /// How long a VMM that was signalled to stop has before it is killed, and
@@ -82,6 +115,21 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     connect_timeout: u64,
+    /// Record each VM's working set and save it to FILE when the VM
+    /// disconnects (with several VMs, the last one to leave wins)
+    #[arg(long, value_name = "FILE", conflicts_with = "warm")]
+    record: Option<PathBuf>,
+    /// Prefetch the working set saved in FILE (by --record) for every VM
+    #[arg(long, value_name = "FILE")]
+    warm: Option<PathBuf>,
+    /// Copy every page of every VM in the background (after the prefetch
+    /// of --warm), so that guests stop faulting
+    #[arg(long)]
+    fill: bool,
+    /// Rate of the background fill per VM, in MiB/s [default: unbounded]
+    #[arg(long, value_name = "MIBPS", requires = "fill",
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    fill_rate: Option<u64>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -140,12 +188,38 @@ fn main() -> ExitCode {
 
 async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mem_file = &args.mem_file;
-    let source = FileSource::open(mem_file).map_err(|e| {
+    // SAFETY: the memory file of a snapshot is not written or truncated
+    // while it is served (the module docs say so). If it shrinks anyway,
+    // the server hands the mapping only to the kernel, whose copy from a
+    // page past the new end fails: that VM is stopped, and this process
+    // gets no SIGBUS (MmapSource's docs).
+    let source = unsafe { MmapSource::open(mem_file) }.map_err(|e| {
         format!(
             "cannot open the guest memory file {}: {e}",
             mem_file.display()
         )
     })?;
+    // Read (and checked) before any VM is served.
+    let warm = match &args.warm {
+        Some(path) => {
+            let ws = WorkingSet::load(path).map_err(|e| {
+                format!(
+                    "cannot use the working set {}: {}",
+                    path.display(),
+                    error_chain(&e)
+                )
+            })?;
+            println!(
+                "prefetching the working set {} for every VM: {} pages in {} runs, {} region(s)",
+                path.display(),
+                ws.pages(),
+                ws.runs().len(),
+                ws.regions().len()
+            );
+            Some((Arc::new(ws), path.display().to_string()))
+        }
+        None => None,
+    };
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)
         .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
@@ -156,10 +230,16 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         source.len()
     );
     let vm = VmConfig {
-        source,
+        source: Arc::new(source),
         mem_file: mem_file.display().to_string(),
         window: args.window as usize,
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        record: args.record.clone().map(Arc::new),
+        warm,
+        fill: args.fill.then_some(match args.fill_rate {
+            Some(mibps) => Fill::BytesPerSecond(mibps << 20),
+            None => Fill::Unbounded,
+        }),
     };
     let mut vms = tokio::task::JoinSet::new();
     let mut next_vm = 0u64;
@@ -195,10 +275,15 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 /// What every VM's task needs.
 #[derive(Clone)]
 struct VmConfig {
-    source: FileSource,
+    source: Arc<MmapSource>,
     mem_file: String,
     window: usize,
     connect_timeout: Duration,
+    /// Where to save each VM's working set.
+    record: Option<Arc<PathBuf>>,
+    /// The working set to prefetch, and its file's name.
+    warm: Option<(Arc<WorkingSet>, String)>,
+    fill: Option<Fill>,
 }
 
 /// Serves one VM: receive its userfaultfd and regions, check them against
@@ -249,28 +334,48 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
     );
     let uffd = AsyncUffd::new(uffd).map_err(|e| format!("pid {pid}: {e}"))?;
     let started = Instant::now();
-    let busy = Arc::new(Busy::default());
-    let source = Timed {
-        inner: cfg.source,
-        busy: busy.clone(),
+    let build = || {
+        Server::new(uffd.clone(), SourceHandler::new(cfg.source.clone())).regions(regions.clone())
     };
-    // Stop, not poison: a guest must not take SIGBUS in the middle of its
-    // code; the VMM is stopped below instead.
-    let keep = uffd.clone();
-    let server = match Server::new(uffd, SourceHandler::new(source)).regions(regions) {
+    let mut server = match build() {
         Ok(server) => server,
         Err(e) => {
             println!("VM {vm} (pid {pid}): refused: {e}");
             stop_vmm(vm, pid, &mut stream).await;
-            drop(keep); // only now: the VMM is gone
+            drop(uffd); // only now: the VMM is gone
             return Ok(());
         }
     };
-    drop(keep);
+    if let Some((ws, name)) = &cfg.warm {
+        server = match server.warm(WorkingSet::clone(ws)) {
+            Ok(server) => {
+                println!("VM {vm}: prefetching the working set {name}");
+                server
+            }
+            Err(e) => {
+                // Only a prefetch hint: the VM is served on demand.
+                println!(
+                    "VM {vm}: not prefetching the working set {name}, serving on demand: {}",
+                    error_chain(&e)
+                );
+                build().map_err(|e| format!("pid {pid}: {e}"))?
+            }
+        };
+    }
+    if cfg.record.is_some() {
+        server = server.record();
+    }
+    if let Some(fill) = cfg.fill {
+        server = server.fill(fill);
+    }
+    // Stop, not poison: a guest must not take SIGBUS in the middle of its
+    // code; the VMM is stopped below instead.
     let mut handle = server
         .prefetch(cfg.window)
         .on_failure(FailurePolicy::Stop)
         .spawn();
+    // The server keeps its own handle to the userfaultfd.
+    drop(uffd);
     let stats = handle.stats_ref();
     // The VMM never writes again: a read returning 0 bytes is its hang-up.
     let mut byte = [0u8; 1];
@@ -297,11 +402,14 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
         println!("VM {vm} (pid {pid}): serving failed: {why}");
         stop_vmm(vm, pid, &mut stream).await;
     }
+    let connected = started.elapsed();
+    // The recorder outlives the server: what the guest faulted, all its life.
+    let recorded = handle.working_set();
     drop(handle); // the userfaultfd closes only after the VMM is gone
     let s = stats.snapshot();
     println!(
         "VM {vm}: connected for {:.3} s; {} Remove event(s), {} page(s) zeroed after a Remove, {} poisoned, {} failure(s)",
-        started.elapsed().as_secs_f64(),
+        connected.as_secs_f64(),
         s.removes,
         s.pages_zeroed_after_remove,
         s.poisoned,
@@ -311,10 +419,52 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
     if !failures.is_empty() {
         println!("VM {vm}: {failures}");
     }
-    // The rate over the time a page read was in flight, not the VM's life.
-    println!("VM {vm}: figures over the time spent serving (a page read in flight):");
-    print_stats(&s, busy.total());
+    if cfg.warm.is_some() || cfg.fill.is_some() {
+        println!(
+            "VM {vm}: restore: {} pages in the working set, {} prefetched, {} faults ahead of the prefetch, {} filled, {} background copies failed; {}",
+            s.working_set_pages,
+            s.pages_warmed,
+            s.faults_ahead_of_prefetch,
+            s.pages_filled,
+            s.background_failures,
+            match s.time_to_resident {
+                Some(t) => format!("every page resident after {:.3} s", t.as_secs_f64()),
+                None => "not every page was resident when it left".to_string(),
+            }
+        );
+    }
+    match (&cfg.record, recorded) {
+        (Some(path), Some(ws)) if failed.is_none() => match save(&ws, path, vm) {
+            Ok(()) => println!(
+                "VM {vm}: working set of {} pages in {} runs saved to {}",
+                ws.pages(),
+                ws.runs().len(),
+                path.display()
+            ),
+            Err(e) => println!("VM {vm}: cannot save its working set: {e}"),
+        },
+        (Some(_), _) => println!("VM {vm}: its working set is not saved: it was stopped"),
+        _ => {}
+    }
+    println!(
+        "VM {vm}: figures over the {:.3} s it was connected:",
+        connected.as_secs_f64()
+    );
+    print_stats(&s, connected);
     Ok(())
+}
+
+/// Saves `ws` to `path` whole: written to a file of its own, then renamed
+/// over `path` (VMs leaving at once never interleave their writes).
+fn save(ws: &WorkingSet, path: &Path, vm: u64) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.{vm}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    ws.save(&tmp).map_err(|e| error_chain(&e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("renaming {} to {}: {e}", tmp.display(), path.display())
+    })
 }
 
 /// Stops a VMM that cannot be served: `SIGBUS` (Firecracker logs it and
@@ -335,66 +485,6 @@ async fn stop_vmm(vm: u64, pid: i32, stream: &mut UnixStream) {
         }
     }
     println!("VM {vm}: the VMM (pid {pid}) still holds its socket after SIGKILL");
-}
-
-/// Time during which at least one page read is in flight.
-#[derive(Default)]
-struct Busy {
-    /// Reads in flight, since when the count was last above zero, and
-    /// the busy time of the intervals already ended.
-    state: Mutex<(usize, Option<Instant>, Duration)>,
-}
-
-impl Busy {
-    fn enter(&self) {
-        let mut s = self.state.lock().unwrap();
-        if s.0 == 0 {
-            s.1 = Some(Instant::now());
-        }
-        s.0 += 1;
-    }
-
-    fn leave(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.0 -= 1;
-        if s.0 == 0 {
-            if let Some(since) = s.1.take() {
-                s.2 += since.elapsed();
-            }
-        }
-    }
-
-    fn total(&self) -> Duration {
-        let s = self.state.lock().unwrap();
-        s.2 + s.1.map_or(Duration::ZERO, |t| t.elapsed())
-    }
-}
-
-/// Leaves [`Busy`] when dropped (a cancelled read too).
-struct InFlight<'a>(&'a Busy);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
-}
-
-/// A page source that measures the time spent reading.
-struct Timed<S> {
-    inner: S,
-    busy: Arc<Busy>,
-}
-
-impl<S: PageSource> PageSource for Timed<S> {
-    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.busy.enter();
-        let _in_flight = InFlight(&self.busy);
-        self.inner.read_at(offset, buf).await
-    }
-
-    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        self.inner.bytes_at(offset, len)
-    }
 }
 
 /// Receives Firecracker's one message: the JSON region list with the

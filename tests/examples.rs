@@ -14,7 +14,14 @@ use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use common::*;
-use tokio_uffd::{CreateMethod, Features, RegisterMode, UffdBuilder};
+use tokio_uffd::{
+    CreateMethod, Features, RecordedRegion, RegisterMode, SourceId, UffdBuilder, WorkingSet,
+};
+
+/// The examples' workload generator, with its unit tests (examples' own
+/// tests are not run by `cargo test`).
+#[path = "../examples/common/workload.rs"]
+mod workload;
 
 /// The path of example `name`, built if `cargo test` did not build it.
 fn example(name: &str) -> PathBuf {
@@ -108,8 +115,18 @@ fn snapshot_restore(tmp: &TmpDir) -> Command {
     cmd
 }
 
+/// The row of the comparison table that starts with `name`, split in
+/// columns.
+fn table_row<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no row {name:?} in:\n{out}"));
+    line[name.len()..].split_whitespace().collect()
+}
+
 #[test]
-fn snapshot_restore_restores_and_verifies_an_image() {
+fn snapshot_restore_compares_cold_warm_and_a_file_mapping() {
     if !have_uffd() {
         return;
     }
@@ -123,27 +140,148 @@ fn snapshot_restore_restores_and_verifies_an_image() {
         "8",
         "--quiet",
     ]));
-    assert!(out.contains("verified every byte"), "{out}");
-    assert!(out.contains("fault latency: p50"), "{out}");
-    assert!(out.contains("time to first byte"), "{out}");
+    // Both restores verified every byte; the table has the three rows:
+    // time to ready ("6.0 ms"), faults, served, prefetched, wasted, ratio.
+    assert_eq!(out.matches("verified every byte").count(), 2, "{out}");
+    let cold = table_row(&out, "cold (recording)");
+    let warm = table_row(&out, "warm");
+    let reference = table_row(&out, "private file mapping");
+    assert_eq!(cold.len(), 7, "{cold:?}");
+    assert_eq!(warm.len(), 7, "{warm:?}");
+    assert_eq!(cold[1], "ms", "{cold:?}");
+    assert_eq!(reference.last(), Some(&"1.00x"), "{reference:?}");
+    let cold_faults: u64 = cold[2].parse().unwrap();
+    let warm_faults: u64 = warm[2].parse().unwrap();
+    let prefetched: u64 = warm[4].parse().unwrap();
+    assert!(cold_faults > 0, "{out}");
+    assert!(prefetched > 0, "{out}");
+    // The warm restore's faults: the run's few pages outside the recording,
+    // and pages the prefetch had not copied yet; far fewer than cold.
+    assert!(warm_faults < cold_faults, "{out}");
+    assert!(out.contains("pages recorded in"), "{out}");
+    // The working set's temporary file is gone, as is the image.
+    assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
+
+    // One cold restore over every page (the old default), without
+    // fault-around: every page is its own fault.
     let out = run_ok(snapshot_restore(&tmp).args([
         "--size",
         "4",
+        "--cold",
         "--pattern",
         "sequential",
         "--window",
         "1",
         "--quiet",
     ]));
-    // Without fault-around every page is its own fault.
+    assert!(out.contains("cold restore: ready in"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert!(out.contains("fault latency: p50"), "{out}");
+    assert!(out.contains("time to first byte"), "{out}");
+    assert!(out.contains("faults: 1024 missing"), "{out}");
     assert!(out.contains("(0 prefetched"), "{out}");
     assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
 }
 
-/// The seconds in "verified every byte in 0.012 s".
+#[test]
+fn snapshot_restore_records_then_warms_and_refuses_another_images_set() {
+    if !have_uffd() {
+        return;
+    }
+    let tmp = TmpDir::new("record");
+    let sets = TmpDir::new("record-sets");
+    let ws = sets.0.join("image.ws");
+    let out = run_ok(
+        snapshot_restore(&tmp)
+            .args([
+                "--size",
+                "8",
+                "--threads",
+                "2",
+                "--write",
+                "--quiet",
+                "--record",
+            ])
+            .arg(&ws),
+    );
+    assert!(out.contains("cold restore: ready in"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert!(out.contains("writing a word"), "{out}");
+    assert!(out.contains(&format!("saved to {}", ws.display())), "{out}");
+    let set = WorkingSet::load(&ws).unwrap();
+    // 20% of 2048 pages, with fault-around neighbours.
+    assert!(set.pages() >= 410 && set.pages() <= 2048, "{}", set.pages());
+    assert_eq!(set.regions().len(), 1);
+    assert_eq!(set.regions()[0].len, 8 << 20);
+
+    let out = run_ok(
+        snapshot_restore(&tmp)
+            .args(["--size", "8", "--threads", "2", "--quiet", "--warm"])
+            .arg(&ws),
+    );
+    assert!(out.contains("warm restore: ready in"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert!(
+        out.contains(&format!("warm: {} pages in the working set", set.pages())),
+        "{out}"
+    );
+    // The same set with a background fill: every page resident.
+    let out = run_ok(
+        snapshot_restore(&tmp)
+            .args(["--size", "8", "--quiet", "--fill", "--warm"])
+            .arg(&ws),
+    );
+    assert!(out.contains("every page resident"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+
+    // Another image size: the crate refuses the set, exit status 1.
+    let out = run(snapshot_restore(&tmp)
+        .args(["--size", "4", "--quiet", "--warm"])
+        .arg(&ws));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("recorded for another image or region layout"),
+        "{err}"
+    );
+    assert!(err.contains(&ws.display().to_string()), "{err}");
+    // Not a working set at all.
+    let out =
+        run(snapshot_restore(&tmp).args(["--size", "4", "--quiet", "--warm", "/nonexistent/set"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn snapshot_restore_eager_and_fill_report_resident() {
+    if !have_uffd() {
+        return;
+    }
+    let tmp = TmpDir::new("eager");
+    let out = run_ok(snapshot_restore(&tmp).args(["--size", "8", "--eager", "--quiet"]));
+    assert!(out.contains("eager restore: ready in"), "{out}");
+    assert!(out.contains("eager: every page resident after"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    // Every page was copied before the workers started: no fault.
+    assert!(out.contains("faults: 0 missing"), "{out}");
+    let out = run_ok(snapshot_restore(&tmp).args([
+        "--size",
+        "8",
+        "--fill",
+        "--fill-rate",
+        "256",
+        "--quiet",
+    ]));
+    assert!(out.contains("cold restore: ready in"), "{out}");
+    assert!(out.contains("pages filled; every page resident"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
+}
+
+/// The seconds in "ready in 0.012 s".
 fn restore_seconds(out: &str) -> f64 {
     let rest = out
-        .split("verified every byte in ")
+        .split("ready in ")
         .nth(1)
         .unwrap_or_else(|| panic!("no elapsed time in:\n{out}"));
     rest.split(' ').next().unwrap().parse().unwrap()
@@ -159,14 +297,14 @@ fn snapshot_restore_reports_when_the_work_ended_not_a_polling_tick() {
     let tmp = TmpDir::new("elapsed");
     let mut best = f64::MAX;
     for _ in 0..3 {
-        let out = run_ok(snapshot_restore(&tmp).args(["--size", "1", "--quiet"]));
+        let out = run_ok(snapshot_restore(&tmp).args(["--size", "1", "--cold", "--quiet"]));
         let secs = restore_seconds(&out);
         assert!(secs > 0.0, "{out}");
         best = best.min(secs);
     }
     assert!(best < 0.2, "the restore of 1 MiB took {best} s");
     // Without --quiet (a progress line every 200 ms) too.
-    let out = run_ok(snapshot_restore(&tmp).args(["--size", "1"]));
+    let out = run_ok(snapshot_restore(&tmp).args(["--size", "1", "--cold"]));
     assert!(restore_seconds(&out) < 0.2, "{out}");
 }
 
@@ -186,7 +324,8 @@ fn snapshot_restore_uses_a_given_image_and_reports_bad_input() {
             .arg(&path)
             .arg("--quiet"),
     );
-    assert!(out.contains("verified every byte"), "{out}");
+    assert_eq!(out.matches("verified every byte").count(), 2, "{out}");
+    assert!(out.contains("private file mapping"), "{out}");
 
     let out =
         run(Command::new(example("snapshot_restore")).args(["--image", "/nonexistent/image"]));
@@ -260,6 +399,9 @@ fn count_arguments_are_bounded_and_leave_nothing_behind() {
         ("snapshot_restore", &["--threads", "100000"][..]),
         ("snapshot_restore", &["--size", "0"][..]),
         ("snapshot_restore", &["--window", "100000"][..]),
+        ("snapshot_restore", &["--working-set", "101"][..]),
+        ("snapshot_restore", &["--think", "100000000"][..]),
+        ("snapshot_restore", &["--fill", "--fill-rate", "0"][..]),
         ("dirty_tracking", &["--writers", "100000"][..]),
         ("dirty_tracking", &["--async", "--percent", "101"][..]),
         ("serve_faults", &["--threads", "100000"][..]),
@@ -629,6 +771,139 @@ fn the_firecracker_handler_serves_firecracker() {
     );
 }
 
+/// Runs `firecracker_handler` over `mem` with `extra` arguments for one VM
+/// (`child_firecracker_entry`), checks that both succeeded and returns the
+/// handler's output.
+fn firecracker_one_vm(dir: &TmpDir, mem: &Path, extra: &[&std::ffi::OsStr]) -> String {
+    let socket = dir.0.join("uffd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut handler = Command::new(example("firecracker_handler"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--mem-file")
+        .arg(mem)
+        .args(["--exit-after", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket);
+    let vmm = run_child_test(
+        "child_firecracker_entry",
+        &[("TOKIO_UFFD_FC_SOCKET", socket.to_str().unwrap())],
+    );
+    let deadline = Instant::now() + BOUND;
+    while handler.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            handler.kill().unwrap();
+            panic!("the handler did not exit after the VM had gone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = handler.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "handler: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        vmm.success(),
+        "the Firecracker stand-in failed: {vmm:?}\n{stdout}"
+    );
+    stdout
+}
+
+#[test]
+fn the_firecracker_handler_records_and_prefetches_the_working_set() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TmpDir::new("fc-record");
+    let mem = dir.0.join("guest.mem");
+    let data: Vec<u8> = (0..2 * REGION).map(guest_byte).collect();
+    std::fs::write(&mem, &data).unwrap();
+    let ws = dir.0.join("guest.ws");
+
+    // A cold restore, recorded: the stand-in reads every page of both
+    // regions, so the set is all 2048 pages, saved when the VMM hangs up.
+    let out = firecracker_one_vm(&dir, &mem, &["--record".as_ref(), ws.as_os_str()]);
+    assert!(out.contains("the VMM hung up"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "working set of 2048 pages in 2 runs saved to {}",
+            ws.display()
+        )),
+        "{out}"
+    );
+    let set = WorkingSet::load(&ws).unwrap();
+    assert_eq!(set.pages(), 2048);
+    // Each region by its offset in the memory file.
+    let mut offsets: Vec<u64> = set.regions().iter().map(|r| r.offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, [0, REGION as u64]);
+
+    // The next restore prefetches it, and fills the rest: the guest reads
+    // the right bytes, and the ballooned MiB still reads zero.
+    let out = firecracker_one_vm(
+        &dir,
+        &mem,
+        &["--warm".as_ref(), ws.as_os_str(), "--fill".as_ref()],
+    );
+    assert!(out.contains("VM 1: prefetching the working set"), "{out}");
+    assert!(
+        out.contains("VM 1: restore: 2048 pages in the working set, "),
+        "{out}"
+    );
+    assert!(out.contains("every page resident after"), "{out}");
+    assert!(out.contains("256 zeroed after remove"), "{out}");
+    let warmed: u64 = out
+        .split("pages in the working set, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prefetched count in:\n{out}"));
+    assert!(warmed > 0, "{out}");
+
+    // A set recorded for other memory (one region of 8 MiB) is not used:
+    // the VM is served on demand.
+    let other = dir.0.join("other.ws");
+    let mut wrong = WorkingSet::new(vec![RecordedRegion {
+        source: SourceId::new(0),
+        offset: 0,
+        len: 2 * REGION as u64,
+        page_size: 4096,
+    }]);
+    wrong.push(0, 0, 16).unwrap();
+    wrong.save(&other).unwrap();
+    let out = firecracker_one_vm(&dir, &mem, &["--warm".as_ref(), other.as_os_str()]);
+    assert!(
+        out.contains("VM 1: not prefetching the working set"),
+        "{out}"
+    );
+    assert!(
+        out.contains("recorded for another image or region layout"),
+        "{out}"
+    );
+    assert!(out.contains("the VMM hung up"), "{out}");
+    // A file that is not a working set: the handler does not start.
+    let out = run(Command::new(example("firecracker_handler"))
+        .arg("--socket")
+        .arg(dir.0.join("never.sock"))
+        .arg("--mem-file")
+        .arg(&mem)
+        .arg("--warm")
+        .arg(&mem));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a working-set file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Child entry point: a VMM whose snapshot's memory file is not the one the
 /// handler serves (its second region lies past that file's end). It sends
 /// its regions and runs the guest, which must never get a byte: the
@@ -842,7 +1117,12 @@ fn the_firecracker_handler_stops_a_vm_it_fails_to_serve_later() {
         stdout.contains(&format!("from source 0 offset {:#x}", REGION + REGION / 2)),
         "{stdout}"
     );
-    assert!(stdout.contains("failed to fill whole buffer"), "{stdout}");
+    // The memory file is mapped (MmapSource): a read past its new end is
+    // an error that says so, not a SIGBUS in the handler.
+    assert!(
+        stdout.contains("the file shrank while it was served"),
+        "{stdout}"
+    );
     assert!(stdout.contains("sent SIGBUS to the VMM (pid "), "{stdout}");
     assert!(stdout.contains("1 failure(s)"), "{stdout}");
     assert!(stdout.contains("first failure: "), "{stdout}");

@@ -5,6 +5,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod touch;
+pub mod workload;
 
 use std::io::IsTerminal;
 use std::time::Duration;

@@ -195,45 +195,79 @@ impl<T: Send + 'static> Touchers<T> {
 /// A spawned server watched by a task that calls [`server_ended`] if it ends
 /// on its own.
 pub struct Watched {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<tokio_uffd::Result<ServerExit>>,
+    stop: oneshot::Sender<Then>,
+    task: tokio::task::JoinHandle<Ended>,
     /// The server's live statistics.
     pub stats: Arc<Stats>,
+}
+
+/// What the watcher does when told to stop watching.
+enum Then {
+    /// Stop the server.
+    Shutdown,
+    /// Hand the handle back, the server still running.
+    Release,
+}
+
+/// How the watcher ended.
+enum Ended {
+    Exit(tokio_uffd::Result<ServerExit>),
+    Released(ServerHandle),
 }
 
 impl Watched {
     /// Watches `handle`; call from within the server's runtime.
     pub fn new(mut handle: ServerHandle) -> Self {
         let stats = handle.stats_ref();
-        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (stop, stop_rx) = oneshot::channel::<Then>();
         let task = tokio::spawn(async move {
-            let ended = tokio::select! {
-                exit = handle.join() => Some(exit),
-                _ = stop_rx => None,
-            };
-            match ended {
-                Some(exit) => {
+            // `join` is cancel safe: the handle stays usable when the stop
+            // wins.
+            let then = tokio::select! {
+                exit = handle.join() => {
                     server_ended();
-                    exit
+                    return Ended::Exit(exit);
                 }
-                None => handle.shutdown().await,
+                then = stop_rx => then.unwrap_or(Then::Shutdown),
+            };
+            match then {
+                Then::Shutdown => Ended::Exit(handle.shutdown().await),
+                Then::Release => Ended::Released(handle),
             }
         });
         Self { stop, task, stats }
     }
 
-    /// Stops the server (if it still runs) and returns how it ended; its
-    /// statistics are final then. Waits at most `bound`.
-    pub async fn shutdown(self, bound: Duration) -> tokio_uffd::Result<ServerExit> {
-        let _ = self.stop.send(());
+    async fn end(self, then: Then, bound: Duration) -> tokio_uffd::Result<Ended> {
+        let _ = self.stop.send(then);
         match tokio::time::timeout(bound, self.task).await {
-            Ok(Ok(exit)) => exit,
+            Ok(Ok(ended)) => Ok(ended),
             Ok(Err(e)) => Err(tokio_uffd::Error::Server {
                 reason: format!("the server's watcher failed: {e}"),
             }),
             Err(_) => Err(tokio_uffd::Error::Server {
                 reason: format!("the server did not stop within {bound:?}"),
             }),
+        }
+    }
+
+    /// Stops the server (if it still runs) and returns how it ended; its
+    /// statistics are final then. Waits at most `bound`.
+    pub async fn shutdown(self, bound: Duration) -> tokio_uffd::Result<ServerExit> {
+        match self.end(Then::Shutdown, bound).await? {
+            Ended::Exit(exit) => exit,
+            Ended::Released(_) => unreachable!("the watcher was told to shut down"),
+        }
+    }
+
+    /// Stops watching and hands back the server's handle, the server still
+    /// running (for its working set, or to wait until it is resident), or
+    /// how it ended if it ended on its own first.
+    pub async fn release(self) -> Result<ServerHandle, tokio_uffd::Result<ServerExit>> {
+        match self.end(Then::Release, Duration::from_secs(10)).await {
+            Ok(Ended::Released(handle)) => Ok(handle),
+            Ok(Ended::Exit(exit)) => Err(exit),
+            Err(e) => Err(Err(e)),
         }
     }
 }

@@ -99,7 +99,8 @@ struct Chunks {
     ready: HashMap<u64, (Bytes, u64)>,
     /// Last use -> chunk, oldest first.
     lru: BTreeMap<u64, u64>,
-    loading: HashMap<u64, Fetch>,
+    /// Fetches in flight, and their tasks.
+    loading: HashMap<u64, (Fetch, tokio::task::AbortHandle)>,
     bytes: u64,
     clock: u64,
 }
@@ -382,26 +383,30 @@ impl Inner {
             self.stats.cache_hits.fetch_add(1, Relaxed);
             return Ok(bytes);
         }
-        if let Some(fetch) = chunks.loading.get(&idx) {
-            self.stats.joined.fetch_add(1, Relaxed);
-            return Err(fetch.clone());
+        if let Some((fetch, task)) = chunks.loading.get(&idx) {
+            // A fetch task removes its entry before it ends. One that ended
+            // and left it was dropped unfinished (its runtime shut down):
+            // fetch the chunk again, or every later read of it would get
+            // that fetch's `Cancelled`.
+            if !task.is_finished() {
+                self.stats.joined.fetch_add(1, Relaxed);
+                return Err(fetch.clone());
+            }
         }
         let me = self.clone();
         let task = tokio::spawn(async move { me.fetch(idx).await });
-        let me = self.clone();
+        let abort = task.abort_handle();
+        let ((start, end), object) = (self.range(idx), self.name());
+        // No reference to `self` in here: an entry of `loading` must not
+        // keep the source alive.
         let fetch: Fetch = async move {
             task.await.unwrap_or_else(|_| {
-                let (start, end) = me.range(idx);
-                Err(Arc::new(ObjectReadError::Cancelled {
-                    object: me.name(),
-                    start,
-                    end,
-                }))
+                Err(Arc::new(ObjectReadError::Cancelled { object, start, end }))
             })
         }
         .boxed()
         .shared();
-        chunks.loading.insert(idx, fetch.clone());
+        chunks.loading.insert(idx, (fetch.clone(), abort));
         Err(fetch)
     }
 
