@@ -10,6 +10,7 @@ use tokio_uffd::{
 
 use super::case::Op;
 use super::cpu::{cpus, pin};
+use super::cpu_time::on_cpu_clock;
 use super::memory::{page_of_bytes, Mapping};
 
 /// A handler that answers every fault with the zero page.
@@ -103,7 +104,8 @@ pub(super) enum Runtime {
 }
 
 /// Runs the server for `uffd` with `make` on its own runtime thread until
-/// the guard is dropped.
+/// the guard is dropped; the thread's CPU time is then in
+/// [`last_handler_cpu`](super::cpu_time::last_handler_cpu).
 pub(super) struct ServerThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -128,11 +130,13 @@ impl ServerThread {
                     .build()
                     .unwrap(),
             };
-            rt.block_on(async move {
-                let handle = make(AsyncUffd::new(uffd).unwrap());
-                ready_tx.send(()).unwrap();
-                let _ = stop_rx.await;
-                handle.shutdown().await.unwrap();
+            on_cpu_clock(|| {
+                rt.block_on(async move {
+                    let handle = make(AsyncUffd::new(uffd).unwrap());
+                    ready_tx.send(()).unwrap();
+                    let _ = stop_rx.await;
+                    handle.shutdown().await.unwrap();
+                })
             })
         });
         ready_rx.recv().unwrap();

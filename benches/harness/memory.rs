@@ -63,6 +63,12 @@ pub(super) fn page_of_bytes() -> &'static [u8] {
     PAGE.get_or_init(|| (0..page_size()).map(|i| i as u8 | 1).collect())
 }
 
+/// The byte at offset `i` of every benchmark image (in memory or on disk).
+#[inline]
+pub fn pattern_byte(i: usize) -> u8 {
+    (i >> 12) as u8 ^ i as u8
+}
+
 /// An image of `len` bytes, shared by the floor and the crate.
 pub fn image(len: usize) -> Arc<[u8]> {
     static IMAGE: OnceLock<std::sync::Mutex<Option<Arc<[u8]>>>> = OnceLock::new();
@@ -71,7 +77,7 @@ pub fn image(len: usize) -> Arc<[u8]> {
     match &*g {
         Some(img) if img.len() >= len => img.clone(),
         _ => {
-            let img: Arc<[u8]> = (0..len).map(|i| (i >> 12) as u8 ^ i as u8).collect();
+            let img: Arc<[u8]> = (0..len).map(pattern_byte).collect();
             *g = Some(img.clone());
             img
         }
