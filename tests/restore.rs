@@ -401,12 +401,20 @@ fn storm_removes_and_faults_race_the_prefetch() {
                 }));
             }
             tokio::task::spawn_blocking(move || {
+                // Every thread is joined before a failure is reported: the
+                // mapping must outlive them.
+                let mut failed = None;
                 for t in freers {
-                    join_bounded("a freeing thread", t);
+                    wait_until("a freeing thread", || t.is_finished());
+                    failed = failed.or(t.join().err());
                 }
                 stop.store(true, Ordering::Relaxed);
                 for t in readers {
-                    join_bounded("a reading thread", t);
+                    wait_until("a reading thread", || t.is_finished());
+                    failed = failed.or(t.join().err());
+                }
+                if let Some(panic) = failed {
+                    std::panic::resume_unwind(panic);
                 }
             })
             .await
@@ -433,6 +441,9 @@ fn an_unmap_and_a_remap_in_the_middle_of_a_prefetch() {
     // SAFETY: a fresh mapping that only this test touches.
     unsafe { uffd.register(mem.addr, len, tokio_uffd::RegisterMode::MISSING) }.unwrap();
     let base = mem.addr;
+    // Replaced and moved below, never unmapped as a whole: were the test to
+    // fail, another test's memory may be at the old addresses by then.
+    std::mem::forget(mem);
     // Copies of 8 pages, two at a time; the first two (0..8 and 8..16) held.
     let source = HeldSource::new(len, [0, (8 * page) as u64]);
     let rt = multi_thread_rt();
@@ -451,13 +462,24 @@ fn an_unmap_and_a_remap_in_the_middle_of_a_prefetch() {
         let s = source.clone();
         let new_base = tokio::task::spawn_blocking(move || {
             wait_until("both held reads", || s.reads.load(Ordering::SeqCst) >= 2);
-            // Pages 0..8 unmapped, fresh unregistered memory put there.
-            run_bounded("munmap of pages 0..8", move || {
-                // SAFETY: the test's own mapping; nothing references it.
-                let r = unsafe { libc::munmap(base as *mut libc::c_void, 8 * page) };
-                assert_eq!(r, 0);
+            // Pages 0..8 replaced by fresh unregistered memory at once (an
+            // Unmap, and no hole another test's mapping could fill).
+            let fresh = run_bounded("mmap over pages 0..8", move || {
+                // SAFETY: replaces the test's own pages 0..8, which nothing
+                // references.
+                let p = unsafe {
+                    libc::mmap(
+                        base as *mut libc::c_void,
+                        8 * page,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                assert_eq!(p as usize, base, "{}", std::io::Error::last_os_error());
+                base
             });
-            let fresh = fresh_at(base, 8 * page);
             // Pages 8..64 moved elsewhere, fresh memory at the old place.
             let new_base = run_bounded("mremap of pages 8..64", move || {
                 // SAFETY: a reservation of the size, replaced by the move.
@@ -509,31 +531,46 @@ fn an_unmap_and_a_remap_in_the_middle_of_a_prefetch() {
                 s.pages_warmed + s.faults_missing >= 48
             });
             // The old ranges were never written.
-            for p in 0..64 {
-                assert_eq!(read_at(base + p * page + 7), 0, "old page {p}");
+            for p in 0..8 {
+                assert_eq!(read_at(fresh + p * page + 7), 0, "old page {p}");
+            }
+            match fresh2 {
+                Some(at) => {
+                    for p in 0..56 {
+                        assert_eq!(read_at(at + p * page + 7), 0, "old page {}", 8 + p);
+                    }
+                }
+                None => eprintln!(
+                    "the moved range's old addresses were taken by another mapping before \
+                     this test could map them: not checked"
+                ),
             }
             // SAFETY: the test's own mappings.
             unsafe {
-                libc::munmap(new_base as *mut libc::c_void, 56 * page);
                 libc::munmap(fresh as *mut libc::c_void, 8 * page);
-                libc::munmap(fresh2 as *mut libc::c_void, 56 * page);
+                if let Some(at) = fresh2 {
+                    libc::munmap(at as *mut libc::c_void, 56 * page);
+                }
             }
+            run_bounded("munmap of the moved pages", move || {
+                // SAFETY: the test's registered pages at their new place.
+                unsafe { libc::munmap(new_base as *mut libc::c_void, 56 * page) }
+            });
         })
         .await
         .unwrap();
         let stats = final_stats(handle).await;
-        // The munmap of 0..8, and the test's own at the end (the kernel may
+        // The mmap over 0..8 and the munmap at the end (the kernel may
         // report more for the move).
         assert!(stats.unmaps >= 2 && stats.remaps == 1, "{stats:?}");
         assert_eq!(stats.background_failures + stats.poisoned, 0, "{stats:?}");
     });
-    // The mapping is gone (unmapped and moved): do not unmap it again.
-    std::mem::forget(mem);
 }
 
-/// Fresh anonymous memory at exactly `addr` (which must be free).
-fn fresh_at(addr: usize, len: usize) -> usize {
-    // SAFETY: the range was just unmapped or moved away by the test.
+/// Fresh anonymous memory at exactly `addr`, unless something else was
+/// mapped there meanwhile (tests run in parallel).
+fn fresh_at(addr: usize, len: usize) -> Option<usize> {
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped.
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
@@ -544,13 +581,17 @@ fn fresh_at(addr: usize, len: usize) -> usize {
             0,
         )
     };
-    assert_eq!(
-        p as usize,
-        addr,
-        "mmap at {addr:#x}: {}",
-        std::io::Error::last_os_error()
-    );
-    addr
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EEXIST),
+            "mmap at {addr:#x}: {e}"
+        );
+        return None;
+    }
+    assert_eq!(p as usize, addr, "MAP_FIXED_NOREPLACE mapped elsewhere");
+    Some(addr)
 }
 
 #[test]

@@ -46,6 +46,7 @@ impl<H: FaultHandler> Reader<H> {
             Outcome::Resolved => {
                 // Counted where it was applied.
                 self.settle(&job, true);
+                self.wake_detached(&job);
                 self.recycle(job);
             }
             Outcome::Park => {
@@ -57,6 +58,7 @@ impl<H: FaultHandler> Reader<H> {
                     );
                     job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
                 }
+                job.detached = true;
                 self.parked.push(job);
             }
             Outcome::Replan => {
@@ -127,7 +129,10 @@ impl<H: FaultHandler> Reader<H> {
             let _ = reader.shared.uffd.wake(lo, hi - lo);
         };
         match outcome {
-            Outcome::Resolved => self.settle(&job, true),
+            Outcome::Resolved => {
+                self.settle(&job, true);
+                self.wake_detached(&job);
+            }
             Outcome::Park => {
                 if job.deadline.is_none() {
                     job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
@@ -168,10 +173,26 @@ impl<H: FaultHandler> Reader<H> {
         None
     }
 
+    /// Wakes the span of a resolved job that left the reader before it was
+    /// settled. Its pages were marked in flight until now, so a fault
+    /// raised on one meanwhile was taken for a duplicate of it; but the job
+    /// had woken its waiters when it applied, and a page faulted on after
+    /// that was freed again since (a `MADV_DONTNEED` between the copy and
+    /// now; its `Remove` read, or not reported at all). Woken, such a
+    /// thread faults again and is served from the page map as it is now.
+    /// A job applied on the reader itself had no such gap.
+    fn wake_detached(&self, job: &Job) {
+        if job.detached {
+            let (lo, hi) = job.span();
+            let _ = self.shared.uffd.wake(lo, hi - lo);
+        }
+    }
+
     /// Runs `job` again in a task, after `backoff`; `redecide` asks the
     /// handler's `bytes_for` again first.
     pub(super) async fn respawn(&mut self, mut job: Box<Job>, backoff: Duration, redecide: bool) {
         let permit = self.take_slot().await;
+        job.detached = true;
         if redecide {
             decide_direct(&self.shared, &mut job);
         }
@@ -237,6 +258,7 @@ impl<H: FaultHandler> Reader<H> {
                 job.deadline = Some(Instant::now() + self.shared.config.retry_timeout);
                 self.mark_inflight(&job);
                 self.watch(&mut job);
+                job.detached = true;
                 self.parked.push(job);
                 Ok(None)
             }
@@ -335,5 +357,148 @@ impl<H: FaultHandler> Reader<H> {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use nix::sys::mman::{self, MapFlags, ProtFlags};
+
+    use super::*;
+    use crate::asyncfd::AsyncUffd;
+    use crate::event::{Event, EventBuffer};
+    use crate::handler::{FaultRequest, HandlerError};
+    use crate::layout::{checked_regions, Layout, Region, SourceId};
+    use crate::server::job::new_job;
+    use crate::server::policy::ForkPolicy;
+    use crate::server::reader::Reader;
+    use crate::server::shared::{Config, Shared};
+    use crate::server::stop::StopSignal;
+    use crate::{RegisterMode, Uffd, ZeropageFlags};
+
+    struct Zeros;
+
+    impl FaultHandler for Zeros {
+        async fn fault<'a>(
+            &'a self,
+            _req: &'a FaultRequest,
+            _buf: &'a mut [u8],
+        ) -> std::result::Result<Resolution, HandlerError> {
+            Ok(Resolution::Zero)
+        }
+    }
+
+    /// The next page fault on `uffd`, waiting at most `within`.
+    fn next_fault(uffd: &Uffd, within: Duration) -> Option<crate::PageFault> {
+        let mut buf = EventBuffer::new(4);
+        if !uffd.wait_readable(Some(within)).unwrap() {
+            return None;
+        }
+        uffd.read_events(&mut buf).unwrap();
+        match buf.next_event() {
+            Some(Ok(Event::PageFault(f))) => Some(f),
+            other => panic!("expected a page fault, got {other:?}"),
+        }
+    }
+
+    /// The state the race leaves (see `wake_detached`): a job ran in a task
+    /// and applied its copy, the page was freed again, and the fault of a
+    /// thread touching it was taken for a duplicate of the job, still in
+    /// flight on the page map. Settling the job must wake that thread, to
+    /// fault again; asleep, nothing would ever wake it.
+    #[test]
+    fn settling_a_detached_job_wakes_faults_taken_for_its_duplicates() {
+        let uffd = Uffd::new().expect("a userfaultfd");
+        let page = uffd.page_size();
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let size = std::num::NonZeroUsize::new(page).unwrap();
+        // SAFETY: a fresh anonymous mapping, touched only by this test.
+        let mem = unsafe { mman::mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.unwrap();
+        let addr = mem.as_ptr() as usize;
+        // SAFETY: the mapping is this test's; only it resolves the faults.
+        unsafe { uffd.register(addr, page, RegisterMode::MISSING) }.unwrap();
+        let reader_fd = uffd.as_fd().try_clone_to_owned().unwrap();
+        // SAFETY: the page is registered; the read sleeps until resolved.
+        let toucher =
+            std::thread::spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) });
+        // The test reads the fault itself: the thread sleeps on the page.
+        let fault = next_fault(&uffd, Duration::from_secs(20)).expect("the first fault");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let watcher = Uffd::from_fd(reader_fd).unwrap();
+            let config = Config {
+                page_size: page,
+                failure: crate::FailurePolicy::Poison,
+                fork: ForkPolicy::Serve,
+                retry_timeout: Duration::from_secs(10),
+                prefetch: 1,
+                concurrency: 1,
+                batch: 16,
+                child_probe: Duration::from_secs(1),
+            };
+            let shared = Shared::new(
+                AsyncUffd::new(uffd).unwrap(),
+                Arc::new(Zeros),
+                Arc::new(Stats::new()),
+                config,
+            );
+            let regions = checked_regions([Region::new(addr..addr + page)], page).unwrap();
+            let mut reader = Reader::new(
+                Arc::new(shared),
+                Layout::new(regions),
+                [],
+                Arc::new(StopSignal::default()),
+                None,
+            );
+            // A job for the page, in flight on the page map, applied in a
+            // task (its copy long gone).
+            let mut spare = Vec::new();
+            let mut job = new_job(
+                &mut spare,
+                fault,
+                addr,
+                page,
+                SourceId::default(),
+                Instant::now(),
+                0,
+            );
+            job.runs[0] = Run {
+                addr,
+                len: page,
+                resolution: Some(Resolution::Copy),
+                done: page,
+                ..Run::default()
+            };
+            job.nruns = 1;
+            job.detached = true;
+            reader.mark_inflight(&job);
+            let exit = reader
+                .finish(Done {
+                    job,
+                    outcome: Outcome::Resolved,
+                })
+                .await
+                .unwrap();
+            assert!(exit.is_none());
+            // Woken, the thread faults again on the still missing page.
+            let again = next_fault(&watcher, Duration::from_secs(20));
+            assert_eq!(
+                again.map(|f| f.page_start(page)),
+                Some(addr),
+                "the thread taken for a duplicate was left asleep"
+            );
+            watcher
+                .zeropage(addr, page, ZeropageFlags::empty())
+                .unwrap();
+        });
+        assert_eq!(toucher.join().unwrap(), 0);
+        // SAFETY: the test's own mapping; the thread that touched it ended.
+        unsafe { mman::munmap(mem, page) }.unwrap();
     }
 }

@@ -73,6 +73,9 @@ pub(super) struct Job {
     /// Its entry on the stall board while it waits in a task or parked.
     pub(super) watch: Option<u64>,
     pub(super) kind: JobKind,
+    /// The job left the reader (ran in a task, or was parked) before it
+    /// was settled: see [`Reader::finish`](super::reader::Reader).
+    pub(super) detached: bool,
 }
 
 impl Job {
@@ -200,6 +203,7 @@ pub(super) fn new_job(
         existed: 0,
         watch: None,
         kind: JobKind::Fault,
+        detached: false,
     };
     match spare.pop() {
         Some(mut job) => {

@@ -93,6 +93,7 @@ impl<H: FaultHandler> Reader<H> {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut done = work.await;
+            done.job.detached = true;
             done.job.watch = watch;
             done.job.counted = true;
             drop(permit);

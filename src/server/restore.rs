@@ -7,7 +7,7 @@
 //! limit: a fault never waits for a permit behind them, and a fault on a
 //! page they have not reached is planned and served at once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,67 @@ pub(super) struct Restore {
     progress: watch::Sender<Progress>,
 }
 
+/// The plan's distinct pages in runs of neighbouring pages, each run where
+/// its first page in the plan was, and how many pages; marks them in
+/// `planned`.
+///
+/// Threads touch their memory interleaved, so a recording lists the pages
+/// of one cluster (a heap, a stack) between those of others: copied in
+/// that order, the prefetch would make one small copy per page. Gathered,
+/// a cluster is copied whole (in copies of up to `chunk` bytes) when the
+/// prefetch reaches the first of its pages to be touched, ahead of the
+/// thread that walks it.
+fn coalesce(plan: &[PageRun], planned: &mut [BitSet]) -> (Vec<PageRun>, u64) {
+    let mut runs: Vec<PageRun> = Vec::new();
+    // (region, one past its last page) and (region, first page) -> run.
+    let mut by_end: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut by_start: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut distinct = 0;
+    for r in plan {
+        let region = r.region;
+        for p in r.first..r.first + r.pages {
+            let Some(bits) = planned.get_mut(region) else {
+                break;
+            };
+            if bits.get(p as usize) {
+                continue;
+            }
+            bits.set(p as usize, true);
+            distinct += 1;
+            if let Some(i) = by_end.remove(&(region, p)) {
+                // Extends run i upwards, and perhaps joins the run after.
+                runs[i].pages += 1;
+                match by_start.remove(&(region, p + 1)) {
+                    Some(j) => {
+                        let after = runs[j];
+                        runs[j].pages = 0;
+                        runs[i].pages += after.pages;
+                        by_end.insert((region, after.first + after.pages), i);
+                    }
+                    None => {
+                        by_end.insert((region, p + 1), i);
+                    }
+                }
+            } else if let Some(j) = by_start.remove(&(region, p + 1)) {
+                // Extends run j downwards.
+                runs[j].first = p;
+                runs[j].pages += 1;
+                by_start.insert((region, p), j);
+            } else {
+                by_start.insert((region, p), runs.len());
+                by_end.insert((region, p + 1), runs.len());
+                runs.push(PageRun {
+                    region,
+                    first: p,
+                    pages: 1,
+                });
+            }
+        }
+    }
+    runs.retain(|r| r.pages > 0);
+    (runs, distinct)
+}
+
 /// The most passes the fill makes over pages whose copies failed.
 const FILL_PASSES: u32 = 3;
 
@@ -146,19 +207,10 @@ impl Restore {
     ) -> Self {
         let origin_pages: Vec<usize> = layout.regions.iter().map(|r| r.pages()).collect();
         let mut planned: Vec<BitSet> = origin_pages.iter().map(|&n| BitSet::new(n)).collect();
-        let mut distinct = 0;
-        for run in &config.plan {
-            for p in run.first..run.first + run.pages {
-                let p = p as usize;
-                if !planned[run.region].get(p) {
-                    planned[run.region].set(p, true);
-                    distinct += 1;
-                }
-            }
-        }
+        let (plan, distinct) = coalesce(&config.plan, &mut planned);
         Stats::add(&stats.working_set_pages, distinct);
         Self {
-            plan: config.plan,
+            plan,
             next_run: 0,
             next_page: 0,
             planned,
@@ -376,6 +428,7 @@ impl<H: FaultHandler> Reader<H> {
         };
         restore.inflight += 1;
         job.counted = true;
+        job.detached = true;
         if job.attempt == 0 {
             // Copies straight from the source's bytes where it has them
             // (not again for a job whose bytes went missing: a refetch).
@@ -475,3 +528,40 @@ impl<H: FaultHandler> Reader<H> {
 /// Shared between a server's reader and its handle: the recorder, if
 /// recording.
 pub(super) type SharedRecorder = Arc<Mutex<Recorder>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(region: usize, first: u64, pages: u64) -> PageRun {
+        PageRun {
+            region,
+            first,
+            pages,
+        }
+    }
+
+    #[test]
+    fn coalesce_gathers_interleaved_clusters_in_first_touch_order() {
+        let mut planned = vec![BitSet::new(100), BitSet::new(100)];
+        // Two threads: one walks 10.., the other 50.. and region 1; pages
+        // repeat; 9 comes after 10 (a run grows downwards), 13 joins 9..13
+        // and 14..16.
+        let plan = [
+            run(0, 10, 1),
+            run(0, 50, 1),
+            run(0, 11, 1),
+            run(1, 7, 2),
+            run(0, 51, 1),
+            run(0, 14, 2),
+            run(0, 12, 1),
+            run(0, 10, 1),
+            run(0, 9, 1),
+            run(0, 13, 1),
+        ];
+        let (runs, distinct) = coalesce(&plan, &mut planned);
+        assert_eq!(runs, [run(0, 9, 7), run(0, 50, 2), run(1, 7, 2)]);
+        assert_eq!(distinct, 11);
+        assert!(planned[0].get(15) && !planned[0].get(16) && planned[1].get(8));
+    }
+}
