@@ -453,10 +453,44 @@ impl WorkingSet {
     /// [`WorkingSetError::Io`] naming the file.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), WorkingSetError> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_bytes()).map_err(|source| WorkingSetError::Io {
+        let io = |source| WorkingSetError::Io {
             path: path.to_owned(),
             source,
-        })
+        };
+        // Written beside it, then renamed over it: a reader (or a crash)
+        // sees the old file or the new one, never half of either.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let written =
+            std::fs::write(&tmp, self.to_bytes()).and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
+    }
+
+    /// Checks that the set was recorded for memory laid out as `regions`
+    /// (what [`Server::warm`](crate::Server::warm) checks), without a
+    /// server: every region of one must be a region of the other (same
+    /// source, offset, length and page size; a region without a page size
+    /// has the base page size). The set names the layout, not the image: a
+    /// set recorded for another image of the same layout fits.
+    ///
+    /// # Errors
+    ///
+    /// [`WorkingSetError::Layout`] saying what differs.
+    pub fn fits(&self, regions: &[Region]) -> Result<(), WorkingSetError> {
+        let base = crate::sys::page_size();
+        let mut filled: Vec<Region> = regions
+            .iter()
+            .map(|r| Region {
+                page_size: r.given_page_size.unwrap_or(base),
+                ..*r
+            })
+            .collect();
+        filled.sort_by_key(|r| r.start);
+        self.match_regions(&filled).map(drop)
     }
 
     /// Reads and checks the set saved at `path`.
@@ -634,6 +668,24 @@ mod tests {
         let mut ws = sample();
         ws.regions[0].page_size = 3000;
         assert!(err(&ws.to_bytes()).contains("not a power of two"));
+    }
+
+    #[test]
+    fn fits_checks_the_layout_as_warm_does() {
+        let page = crate::sys::page_size();
+        let mut ws = WorkingSet::new(vec![RecordedRegion {
+            source: SourceId::new(0),
+            offset: 0,
+            len: 16 * page as u64,
+            page_size: page as u64,
+        }]);
+        ws.push(0, 1, 2).unwrap();
+        let base = 0x7f00_0000_0000usize;
+        assert!(ws.fits(&[Region::new(base..base + 16 * page)]).is_ok());
+        let e = ws.fits(&[Region::new(base..base + 32 * page)]).unwrap_err();
+        assert!(e.to_string().contains("matches none"), "{e}");
+        let moved = Region::new(base..base + 16 * page).with_offset(page as u64);
+        assert!(ws.fits(&[moved]).is_err());
     }
 
     #[test]

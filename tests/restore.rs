@@ -616,9 +616,12 @@ fn the_fill_makes_every_page_resident_and_the_warm_plan_comes_first() {
             .unwrap()
             .fill(Fill::Unbounded)
             .spawn();
-        let after = tokio::time::timeout(BOUND, handle.resident())
+        // The wait borrows nothing: a task of its own, the handle kept.
+        let waiter = tokio::spawn(handle.resident());
+        let after = tokio::time::timeout(BOUND, waiter)
             .await
             .expect("resident within the bound")
+            .unwrap()
             .unwrap();
         let stats = handle.stats();
         assert_eq!(stats.time_to_resident, Some(after));

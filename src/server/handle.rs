@@ -60,6 +60,9 @@ impl ServerHandle {
     /// [`Fill::Unbounded`](crate::Fill::Unbounded), awaiting this before
     /// the program runs is eager population.
     ///
+    /// The future does not borrow the handle: it can wait in a `select!`
+    /// beside [`join`](Self::join), or in a task of its own.
+    ///
     /// # Errors
     ///
     /// [`Error::NotResident`] without [`Server::fill`](crate::Server::fill),
@@ -69,25 +72,30 @@ impl ServerHandle {
     /// # Cancel safety
     ///
     /// Cancel safe.
-    pub async fn resident(&self) -> Result<std::time::Duration> {
-        let Some(rx) = &self.resident else {
-            return Err(Error::NotResident {
-                reason: "the server has no background fill: give it one with Server::fill".into(),
-            });
-        };
-        let mut rx = rx.clone();
-        let outcome = rx.wait_for(|p| *p != Progress::Running).await.map(|p| *p);
-        match outcome {
-            Ok(Progress::Resident(after)) => Ok(after),
-            Ok(Progress::Incomplete { missing }) => Err(Error::NotResident {
-                reason: format!(
-                    "{missing} pages are still missing after the fill's last pass: their copies \
-                     failed (Stats::last_failure says why)"
-                ),
-            }),
-            Ok(Progress::Running) | Err(_) => Err(Error::NotResident {
-                reason: "the server ended before every page was resident".into(),
-            }),
+    pub fn resident(
+        &self,
+    ) -> impl std::future::Future<Output = Result<std::time::Duration>> + Send + 'static {
+        let rx = self.resident.clone();
+        async move {
+            let Some(mut rx) = rx else {
+                return Err(Error::NotResident {
+                    reason: "the server has no background fill: give it one with Server::fill"
+                        .into(),
+                });
+            };
+            let outcome = rx.wait_for(|p| *p != Progress::Running).await.map(|p| *p);
+            match outcome {
+                Ok(Progress::Resident(after)) => Ok(after),
+                Ok(Progress::Incomplete { missing }) => Err(Error::NotResident {
+                    reason: format!(
+                        "{missing} pages are still missing after the fill's last pass: their \
+                         copies failed (Stats::last_failure says why)"
+                    ),
+                }),
+                Ok(Progress::Running) | Err(_) => Err(Error::NotResident {
+                    reason: "the server ended before every page was resident".into(),
+                }),
+            }
         }
     }
 
