@@ -134,18 +134,25 @@ pub(super) struct Restore {
     progress: watch::Sender<Progress>,
 }
 
-/// The plan's distinct pages in runs of neighbouring pages, each run where
-/// its first page in the plan was, and how many pages; marks them in
-/// `planned`.
+/// How far apart in the plan (in pages) two pages may be and still be
+/// gathered into one run: about a copy's worth (a megabyte of base pages).
+const GATHER: u64 = 256;
+
+/// The plan's distinct pages in runs of neighbouring pages, and how many
+/// pages; marks them in `planned`.
 ///
 /// Threads touch their memory interleaved, so a recording lists the pages
 /// of one cluster (a heap, a stack) between those of others: copied in
-/// that order, the prefetch would make one small copy per page. Gathered,
-/// a cluster is copied whole (in copies of up to `chunk` bytes) when the
-/// prefetch reaches the first of its pages to be touched, ahead of the
-/// thread that walks it.
+/// that order, the prefetch would make one small copy per page. So a page
+/// next to a run joins it, if the run began at most [`GATHER`] pages
+/// earlier in the plan; each run stays where its first page was. Further
+/// apart, it starts a run of its own: a long cluster is copied in the
+/// order it was touched, a copy's worth at a time, so the prefetch does not
+/// copy one thread's whole cluster while another thread waits for its own.
 fn coalesce(plan: &[PageRun], planned: &mut [BitSet]) -> (Vec<PageRun>, u64) {
     let mut runs: Vec<PageRun> = Vec::new();
+    // Where each run began in the plan.
+    let mut began: Vec<u64> = Vec::new();
     // (region, one past its last page) and (region, first page) -> run.
     let mut by_end: HashMap<(usize, u64), usize> = HashMap::new();
     let mut by_start: HashMap<(usize, u64), usize> = HashMap::new();
@@ -160,12 +167,16 @@ fn coalesce(plan: &[PageRun], planned: &mut [BitSet]) -> (Vec<PageRun>, u64) {
                 continue;
             }
             bits.set(p as usize, true);
+            let at = distinct;
             distinct += 1;
-            if let Some(i) = by_end.remove(&(region, p)) {
+            let near = |i: &usize| at - began[*i] <= GATHER;
+            if let Some(i) = by_end.get(&(region, p)).copied().filter(near) {
                 // Extends run i upwards, and perhaps joins the run after.
+                by_end.remove(&(region, p));
                 runs[i].pages += 1;
-                match by_start.remove(&(region, p + 1)) {
+                match by_start.get(&(region, p + 1)).copied().filter(near) {
                     Some(j) => {
+                        by_start.remove(&(region, p + 1));
                         let after = runs[j];
                         runs[j].pages = 0;
                         runs[i].pages += after.pages;
@@ -175,14 +186,16 @@ fn coalesce(plan: &[PageRun], planned: &mut [BitSet]) -> (Vec<PageRun>, u64) {
                         by_end.insert((region, p + 1), i);
                     }
                 }
-            } else if let Some(j) = by_start.remove(&(region, p + 1)) {
+            } else if let Some(j) = by_start.get(&(region, p + 1)).copied().filter(near) {
                 // Extends run j downwards.
+                by_start.remove(&(region, p + 1));
                 runs[j].first = p;
                 runs[j].pages += 1;
                 by_start.insert((region, p), j);
             } else {
                 by_start.insert((region, p), runs.len());
                 by_end.insert((region, p + 1), runs.len());
+                began.push(at);
                 runs.push(PageRun {
                     region,
                     first: p,
@@ -563,5 +576,23 @@ mod tests {
         assert_eq!(runs, [run(0, 9, 7), run(0, 50, 2), run(1, 7, 2)]);
         assert_eq!(distinct, 11);
         assert!(planned[0].get(15) && !planned[0].get(16) && planned[1].get(8));
+    }
+
+    #[test]
+    fn coalesce_keeps_a_long_cluster_in_touch_order() {
+        // Two threads walk two long clusters, 0.. and 2000.., page by page
+        // in turns: runs of about GATHER / 2 pages each, alternating.
+        let n = 4 * GATHER;
+        let plan: Vec<PageRun> = (0..n)
+            .flat_map(|i| [run(0, i, 1), run(0, 2000 + i, 1)])
+            .collect();
+        let mut planned = vec![BitSet::new(3000)];
+        let (runs, distinct) = coalesce(&plan, &mut planned);
+        assert_eq!(distinct, 2 * n);
+        assert!((14..=18).contains(&runs.len()), "{runs:?}");
+        assert_eq!(runs[0].first, 0);
+        assert_eq!(runs[1].first, 2000);
+        assert_eq!(runs[2].first, runs[0].pages);
+        assert!(runs.iter().all(|r| r.pages <= GATHER / 2 + 1), "{runs:?}");
     }
 }
