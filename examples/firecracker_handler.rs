@@ -61,10 +61,25 @@
 //! many pages were prefetched, how many faults came ahead of the prefetch,
 //! and when every page was resident.
 //!
+//! # A memory file in object storage
+//!
+//! Built with the `object-store` feature, `--mem-file s3://BUCKET/KEY`
+//! serves the guest memory from an S3 object through `ObjectStoreSource`
+//! (ranged GETs of `--chunk` KiB, a cache of `--cache` MiB), one source
+//! shared by every VM, so VMs restored from the same snapshot share the
+//! chunks fetched; credentials from the usual `AWS_*` environment
+//! variables, `--endpoint` for an S3-compatible server (see
+//! `common/object.rs`). The region list is checked against the object's
+//! length as it is against a file's. The warm prefetch and the fill keep 8
+//! copies in flight, a source chunk each: each waits a network round trip.
+//! Each VM's figures end with the object store's (over all VMs so far).
+//!
 //! ```text
 //! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem
 //! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem --record snapshot.ws
 //! cargo run --release --example firecracker_handler -- --socket /tmp/uffd.sock --mem-file snapshot.mem --warm snapshot.ws --fill
+//! cargo run --release --features object-store --example firecracker_handler -- --socket /tmp/uffd.sock \
+//!     --mem-file s3://snapshots/vm1.mem --endpoint http://127.0.0.1:9000
 //! ```
 
 mod common;
@@ -77,6 +92,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::object::{Image, ObjectArgs, Probe, Remote, REMOTE_BACKGROUND_CONCURRENCY};
 use common::{print_stats, LogArgs};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{recvmsg, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
@@ -84,8 +100,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_uffd::{
-    error_chain, AsyncUffd, FailurePolicy, Fill, MmapSource, Region, Server, ServerExit,
-    SourceHandler, Uffd, WorkingSet,
+    error_chain, AsyncUffd, BoxedSource, FailurePolicy, Fill, MmapSource, Region, Server,
+    ServerExit, SourceHandler, Uffd, WorkingSet,
 };
 
 /// How long a VMM that was signalled to stop has before it is killed, and
@@ -100,8 +116,10 @@ struct Args {
     /// Unix socket to listen on (Firecracker's mem_backend.backend_path)
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
-    /// The guest memory file of the snapshot
-    #[arg(long, value_name = "PATH")]
+    /// The guest memory file of the snapshot, or an object holding it
+    /// (s3://BUCKET/KEY, with the object-store feature: see the options
+    /// below)
+    #[arg(long, value_name = "PATH|URL")]
     mem_file: PathBuf,
     /// Fault-around window in pages (1 turns it off)
     #[arg(long, value_name = "PAGES", default_value_t = 16,
@@ -132,6 +150,8 @@ struct Args {
     fill_rate: Option<u64>,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    object: ObjectArgs,
 }
 
 /// One entry of the region list Firecracker sends. Unknown fields are
@@ -186,19 +206,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// The guest memory: its source, length, name, and for an object what
+/// tells its source's statistics.
+async fn open_memory(
+    args: &Args,
+) -> Result<(BoxedSource, u64, String, Option<Probe>), Box<dyn std::error::Error>> {
+    match Image::parse(&args.mem_file)? {
+        Image::File(mem_file) => {
+            args.object.only_for_objects(&mem_file)?;
+            // SAFETY: the memory file of a snapshot is not written or
+            // truncated while it is served (the module docs say so). If it
+            // shrinks anyway, the server hands the mapping only to the
+            // kernel, whose copy from a page past the new end fails: that VM
+            // is stopped, and this process gets no SIGBUS (MmapSource's
+            // docs).
+            let source = unsafe { MmapSource::open(&mem_file) }.map_err(|e| {
+                format!(
+                    "cannot open the guest memory file {}: {e}",
+                    mem_file.display()
+                )
+            })?;
+            let len = source.len();
+            Ok((
+                BoxedSource::new(source),
+                len,
+                mem_file.display().to_string(),
+                None,
+            ))
+        }
+        Image::Object(url) => {
+            let remote = Remote::open(&url, &args.object).await?;
+            // One source for every VM: VMs of the same snapshot share the
+            // chunks fetched.
+            let (source, probe) = remote.source().await?;
+            Ok((source, remote.len(), remote.name(), Some(probe)))
+        }
+    }
+}
+
 async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mem_file = &args.mem_file;
-    // SAFETY: the memory file of a snapshot is not written or truncated
-    // while it is served (the module docs say so). If it shrinks anyway,
-    // the server hands the mapping only to the kernel, whose copy from a
-    // page past the new end fails: that VM is stopped, and this process
-    // gets no SIGBUS (MmapSource's docs).
-    let source = unsafe { MmapSource::open(mem_file) }.map_err(|e| {
-        format!(
-            "cannot open the guest memory file {}: {e}",
-            mem_file.display()
-        )
-    })?;
+    let (source, mem_len, mem_name, probe) = open_memory(args).await?;
     // Read (and checked) before any VM is served.
     let warm = match &args.warm {
         Some(path) => {
@@ -224,14 +271,14 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::bind(&args.socket)
         .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
     println!(
-        "listening on {} for Firecracker, serving {} ({} bytes)",
+        "listening on {} for Firecracker, serving {mem_name} ({mem_len} bytes)",
         args.socket.display(),
-        mem_file.display(),
-        source.len()
     );
     let vm = VmConfig {
         source: Arc::new(source),
-        mem_file: mem_file.display().to_string(),
+        mem_len,
+        mem_file: mem_name,
+        probe,
         window: args.window as usize,
         connect_timeout: Duration::from_secs(args.connect_timeout),
         record: args.record.clone().map(Arc::new),
@@ -275,8 +322,12 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 /// What every VM's task needs.
 #[derive(Clone)]
 struct VmConfig {
-    source: Arc<MmapSource>,
+    source: Arc<BoxedSource>,
+    /// The memory file's (or object's) length.
+    mem_len: u64,
     mem_file: String,
+    /// An object's source's statistics.
+    probe: Option<Probe>,
     window: usize,
     connect_timeout: Duration,
     /// Where to save each VM's working set.
@@ -304,7 +355,7 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
         .map_err(|e| format!("the VMM (pid {pid}): {e}"))?;
     let uffd = Uffd::from_fd(fd).map_err(|e| format!("the VMM (pid {pid}): {e}"))?;
     let page = uffd.page_size();
-    let file_len = cfg.source.len();
+    let file_len = cfg.mem_len;
     let mut regions = Vec::with_capacity(mappings.len());
     for (i, m) in mappings.iter().enumerate() {
         let end = m.offset.checked_add(m.size as u64);
@@ -367,6 +418,13 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
     }
     if let Some(fill) = cfg.fill {
         server = server.fill(fill);
+    }
+    if let Some(probe) = &cfg.probe {
+        // From an object, a background copy waits a network round trip:
+        // more in flight, a source chunk (one GET) each.
+        server = server
+            .background_concurrency(REMOTE_BACKGROUND_CONCURRENCY)
+            .background_chunk(usize::try_from(probe.chunk_size()).unwrap_or(usize::MAX));
     }
     // Stop, not poison: a guest must not take SIGBUS in the middle of its
     // code; the VMM is stopped below instead.
@@ -451,6 +509,12 @@ async fn serve_vm(vm: u64, mut stream: UnixStream, cfg: VmConfig) -> Result<(), 
         connected.as_secs_f64()
     );
     print_stats(&s, connected);
+    if let Some(probe) = &cfg.probe {
+        println!(
+            "VM {vm}: object store so far (every VM's): {}",
+            probe.stats()
+        );
+    }
     Ok(())
 }
 

@@ -46,11 +46,35 @@
 //! reports the address, the server's failure (source offset and cause) and
 //! exits with status 1 (see `common/touch.rs`).
 //!
+//! # An image in object storage
+//!
+//! Built with the `object-store` feature, `--image s3://BUCKET/KEY` restores
+//! an S3 object through `ObjectStoreSource`: ranged GETs of `--chunk` KiB
+//! (default 2 MiB), one per chunk however many faults wait on it, kept in a
+//! cache of `--cache` MiB. Credentials and region come from the usual
+//! environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_REGION`, `AWS_ENDPOINT`, ...); `--endpoint http://HOST:PORT` names
+//! an S3-compatible server (path-style requests, plain HTTP allowed). See
+//! `common/object.rs`. Each restore reads through a source of its own (an
+//! empty cache, as a new process would have), and the figures of each
+//! include the source's: GETs, bytes fetched, cache hits, time waited on
+//! the network. The warm prefetch and the fill keep 8 copies in flight, a
+//! source chunk each, unless `--background-concurrency` and
+//! `--background-chunk` say otherwise: a copy waits a network round trip,
+//! so more of them in flight hide it, and a copy of one chunk is one GET.
+//! The check after each restore compares with a local copy of the object,
+//! downloaded once with a plain GET (not through the source it checks)
+//! after the first restore, outside any timed interval; the reference
+//! (the private file mapping) maps that copy. Without the feature an
+//! object URL is refused with a message saying to rebuild with it.
+//!
 //! ```text
 //! cargo run --release --example snapshot_restore
 //! cargo run --release --example snapshot_restore -- --image vm.mem --record vm.ws
 //! cargo run --release --example snapshot_restore -- --image vm.mem --warm vm.ws --fill
 //! cargo run --release --example snapshot_restore -- --pattern all-random --cold
+//! AWS_ACCESS_KEY_ID=K AWS_SECRET_ACCESS_KEY=S cargo run --release --features object-store \
+//!     --example snapshot_restore -- --image s3://snapshots/vm.mem --endpoint http://127.0.0.1:9000
 //! ```
 
 mod common;
@@ -65,6 +89,7 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use common::object::{FetchStats, Image, ObjectArgs, Probe, Remote, REMOTE_BACKGROUND_CONCURRENCY};
 use common::touch::{failure_report, Outcome, Touchers, Watched};
 use common::workload::{self, Access, Order, Plan, Spinner, Workload};
 use common::{fill_image, print_stats, LogArgs, Mapping};
@@ -85,9 +110,11 @@ const BOUND: Duration = Duration::from_secs(60);
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Restore this file (default: make a --size MiB image with a known pattern).
-    /// It must not change while it is restored
-    #[arg(long, value_name = "PATH")]
+    /// Restore this file, or this object (s3://BUCKET/KEY, with the
+    /// object-store feature: see the options below) (default: make a
+    /// --size MiB image with a known pattern). It must not change while it
+    /// is restored
+    #[arg(long, value_name = "PATH|URL")]
     image: Option<PathBuf>,
     /// Size of the generated image in MiB
     #[arg(long, value_name = "MIB", default_value_t = 256,
@@ -161,6 +188,8 @@ struct Args {
     quiet: bool,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    object: ObjectArgs,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,11 +219,12 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// Makes a `mib` MiB image in a file that is unlinked right after it is
+/// A new file in the temporary directory, unlinked right after it is
 /// created, so that no exit path (an error, a panic, `SIGKILL`) leaves it
 /// behind; the open `File` is the only way to it.
-fn make_image(mib: u64) -> std::io::Result<File> {
-    let path = std::env::temp_dir().join(format!("tokio-uffd-snapshot-{}.img", std::process::id()));
+fn unlinked_file(what: &str) -> std::io::Result<File> {
+    let path =
+        std::env::temp_dir().join(format!("tokio-uffd-snapshot-{}.{what}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -202,6 +232,12 @@ fn make_image(mib: u64) -> std::io::Result<File> {
         .open(&path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
     std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+/// Makes a `mib` MiB image in an [`unlinked_file`].
+fn make_image(mib: u64) -> std::io::Result<File> {
+    let file = unlinked_file("img")?;
     let mut w = std::io::BufWriter::new(&file);
     let mut chunk = vec![0u8; 1 << 20];
     for i in 0..mib {
@@ -217,9 +253,11 @@ fn make_image(mib: u64) -> std::io::Result<File> {
 struct Ctx<'a> {
     args: &'a Args,
     rt: tokio::runtime::Runtime,
-    source: Arc<BoxedSource>,
-    /// For the final check and the reference mapping.
-    file: File,
+    source: ImageSource,
+    /// The image's bytes, for the final check and the reference mapping:
+    /// the file itself or, for an object, a local copy downloaded after the
+    /// first restore.
+    file: std::cell::OnceCell<File>,
     file_len: usize,
     name: String,
     page: usize,
@@ -229,11 +267,69 @@ struct Ctx<'a> {
     access: Access,
 }
 
-/// Opens (or makes) the image: mapped read-only if it can be, read with
-/// `pread(2)` otherwise.
-fn open_image(args: &Args) -> Result<(Arc<BoxedSource>, File, u64, String), BoxError> {
-    match &args.image {
-        Some(p) => {
+/// Where the pages of every restore come from.
+enum ImageSource {
+    /// A file's source, shared by the restores.
+    Local(Arc<BoxedSource>),
+    /// An object: each restore reads it through a source of its own.
+    Remote(Remote),
+}
+
+impl Ctx<'_> {
+    /// The page source of one restore, and, for an object, what tells its
+    /// statistics.
+    fn source(&self) -> Result<(Arc<BoxedSource>, Option<Probe>), BoxError> {
+        match &self.source {
+            ImageSource::Local(source) => Ok((source.clone(), None)),
+            ImageSource::Remote(remote) => {
+                let (source, probe) = self.rt.block_on(remote.source())?;
+                Ok((Arc::new(source), Some(probe)))
+            }
+        }
+    }
+
+    /// The image's bytes in a local file: an object's downloaded the first
+    /// time they are needed.
+    fn file(&self) -> Result<&File, BoxError> {
+        if let Some(file) = self.file.get() {
+            return Ok(file);
+        }
+        let ImageSource::Remote(remote) = &self.source else {
+            unreachable!("a local image's file is opened with it");
+        };
+        let mut file = unlinked_file("copy")?;
+        let took = self.rt.block_on(remote.download(&mut file))?;
+        eprintln!(
+            "downloaded a copy of {} for the check ({:.1} MiB in {:.3} s, one GET)",
+            remote.name(),
+            remote.len() as f64 / (1 << 20) as f64,
+            took.as_secs_f64()
+        );
+        Ok(self.file.get_or_init(|| file))
+    }
+}
+
+/// Opens (or makes) the image: a file mapped read-only if it can be, read
+/// with `pread(2)` otherwise; an object through the object store.
+fn open_image(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(ImageSource, Option<File>, u64, String), BoxError> {
+    let image = match &args.image {
+        Some(p) => Some(Image::parse(p)?),
+        None => None,
+    };
+    if let Some(Image::File(p)) = &image {
+        args.object.only_for_objects(p)?;
+    }
+    match image {
+        Some(Image::Object(url)) => {
+            let remote = rt.block_on(Remote::open(&url, &args.object))?;
+            let (len, name) = (remote.len(), remote.name());
+            Ok((ImageSource::Remote(remote), None, len, name))
+        }
+        Some(Image::File(p)) => {
+            let p = &p;
             let cannot = |e| format!("cannot open {}: {e}", p.display());
             // SAFETY: the user promises (--help says so) that the image does
             // not change while it is restored.
@@ -257,9 +353,16 @@ fn open_image(args: &Args) -> Result<(Arc<BoxedSource>, File, u64, String), BoxE
             };
             // A second handle, for the final check.
             let file = File::open(p).map_err(cannot)?;
-            Ok((Arc::new(source), file, len, p.display().to_string()))
+            Ok((
+                ImageSource::Local(Arc::new(source)),
+                Some(file),
+                len,
+                p.display().to_string(),
+            ))
         }
         None => {
+            args.object
+                .only_for_objects(Path::new("the generated image"))?;
             eprintln!("making a {} MiB image with a known pattern...", args.size);
             let file = make_image(args.size)?;
             // SAFETY: the file was unlinked at once: only this process can
@@ -267,8 +370,8 @@ fn open_image(args: &Args) -> Result<(Arc<BoxedSource>, File, u64, String), BoxE
             let source = unsafe { MmapSource::new(file.try_clone()?)? };
             let len = source.len();
             Ok((
-                Arc::new(BoxedSource::new(source)),
-                file,
+                ImageSource::Local(Arc::new(BoxedSource::new(source))),
+                Some(file),
                 len,
                 "a temporary image".to_string(),
             ))
@@ -285,7 +388,11 @@ fn page_size() -> usize {
 
 fn run(args: &Args) -> Result<(), BoxError> {
     let threads = args.threads as usize;
-    let (source, file, file_len, name) = open_image(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (source, file, file_len, name) = open_image(args, &rt)?;
     if file_len == 0 {
         return Err(format!("{name} is empty").into());
     }
@@ -293,15 +400,11 @@ fn run(args: &Args) -> Result<(), BoxError> {
     let page = page_size();
     let len = file_len.div_ceil(page) * page;
     let pages = len / page;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     let ctx = Ctx {
         args,
         rt,
         source,
-        file,
+        file: file.map(std::cell::OnceCell::from).unwrap_or_default(),
         file_len,
         name,
         page,
@@ -414,6 +517,9 @@ fn run(args: &Args) -> Result<(), BoxError> {
     }
     println!("  at ready:");
     print_stats(&r.at_ready, r.ready);
+    if let Some(f) = &r.fetched {
+        println!("  object store: {f}");
+    }
     if let Some(plan_set) = &r.warm {
         println!(
             "  warm: {} pages in the working set, {} prefetched, {} faults ahead of the prefetch, {} prefetch failures; {} of the set's pages never touched (wasted)",
@@ -483,6 +589,9 @@ fn compare(
         recorded.pages(),
         recorded.runs().len()
     );
+    if let Some(f) = &cold.fetched {
+        println!("   object store by ready: {f}");
+    }
     // Saved and read back as `--record` and `--warm` do, in a file of its
     // own that is removed whatever happens next.
     let ws_file = TempFile::new("ws");
@@ -512,9 +621,16 @@ fn compare(
         warm.at_ready.duplicates,
         warm.at_ready.pages_warmed,
     );
+    if let Some(f) = &warm.fetched {
+        println!("   object store by ready: {f}");
+    }
 
     println!(
-        "3. reference: the same workload on a private mapping of the image file (run {})...",
+        "3. reference: the same workload on a private mapping of {} (run {})...",
+        match ctx.source {
+            ImageSource::Local(_) => "the image file",
+            ImageSource::Remote(_) => "a local copy of the object",
+        },
         run + 1
     );
     let (reference, kernel_faults) = reference(ctx, &warm_plan)?;
@@ -619,6 +735,8 @@ struct Restored {
     first_touch: Option<Duration>,
     /// The statistics at ready.
     at_ready: StatsSnapshot,
+    /// An object's source's statistics at ready.
+    fetched: Option<FetchStats>,
     /// ... and after the server stopped.
     last: StatsSnapshot,
     stats: Arc<Stats>,
@@ -649,13 +767,12 @@ fn restore(
     // only by the server from the image.
     unsafe { uffd.register(mem.addr, len, RegisterMode::MISSING)? };
 
+    // Made before the timed interval (no request: the length is known).
+    let (source, probe) = ctx.source()?;
     let _guard = ctx.rt.enter();
-    let mut server = Server::new(
-        AsyncUffd::new(uffd)?,
-        SourceHandler::new(ctx.source.clone()),
-    )
-    .regions([Region::new(mem.addr..mem.addr + len)])?
-    .prefetch(args.window as usize);
+    let mut server = Server::new(AsyncUffd::new(uffd)?, SourceHandler::new(source))
+        .regions([Region::new(mem.addr..mem.addr + len)])?
+        .prefetch(args.window as usize);
     if opts.record {
         server = server.record();
     }
@@ -671,11 +788,28 @@ fn restore(
     if let Some(fill) = opts.fill {
         server = server.fill(fill);
     }
-    if let Some(kib) = args.background_chunk {
-        server = server.background_chunk(kib as usize * 1024);
+    // From an object, a background copy waits a network round trip: more
+    // copies in flight, a source chunk each (one GET), unless told
+    // otherwise (see the module docs).
+    let remote = probe.as_ref().map(|p| {
+        (
+            REMOTE_BACKGROUND_CONCURRENCY,
+            usize::try_from(p.chunk_size()).unwrap_or(usize::MAX),
+        )
+    });
+    if let Some(bytes) = args
+        .background_chunk
+        .map(|kib| kib as usize * 1024)
+        .or(remote.map(|r| r.1))
+    {
+        server = server.background_chunk(bytes);
     }
-    if let Some(n) = args.background_concurrency {
-        server = server.background_concurrency(n as usize);
+    if let Some(n) = args
+        .background_concurrency
+        .map(|n| n as usize)
+        .or(remote.map(|r| r.0))
+    {
+        server = server.background_concurrency(n);
     }
 
     // The workers wait at a barrier until the server runs.
@@ -757,6 +891,7 @@ fn restore(
     let outcome = workers.wait()?;
     let ready = start.elapsed();
     let at_ready = stats.snapshot();
+    let fetched = probe.as_ref().map(Probe::stats);
     drop(stop_progress);
     if let Some(p) = progress {
         let _ = p.join();
@@ -826,6 +961,7 @@ fn restore(
         eager,
         first_touch: first_touch.map(|t| t.saturating_duration_since(start)),
         at_ready,
+        fetched,
         last: stats.snapshot(),
         stats,
         recorded,
@@ -837,12 +973,13 @@ fn restore(
 /// Every byte of the restored memory against the file.
 fn verify(ctx: &Ctx<'_>, mem: &Mapping) -> Result<(), BoxError> {
     let file_len = ctx.file_len;
+    let file = ctx.file()?;
     let mut chunk = vec![0u8; 1 << 20];
     let restored = mem.bytes();
     let mut offset = 0;
     while offset < file_len {
         let n = chunk.len().min(file_len - offset);
-        ctx.file.read_exact_at(&mut chunk[..n], offset as u64)?;
+        file.read_exact_at(&mut chunk[..n], offset as u64)?;
         if restored[offset..offset + n] != chunk[..n] {
             let i = (0..n)
                 .find(|&i| restored[offset + i] != chunk[i])
@@ -875,10 +1012,12 @@ fn page_faults() -> u64 {
 }
 
 /// The reference: the workers run `plan` on a private, writable mapping of
-/// the image file (its page cache warm from the restores), the kernel
-/// mapping each page on first touch. Returns the time from the workers'
-/// start to the last one done, and the process's page faults meanwhile.
+/// the image file, or of the local copy of an object (its page cache warm
+/// from the restores' checks), the kernel mapping each page on first touch.
+/// Returns the time from the workers' start to the last one done, and the
+/// process's page faults meanwhile.
 fn reference(ctx: &Ctx<'_>, plan: &Plan) -> Result<(Duration, u64), BoxError> {
+    let fd = ctx.file()?.as_raw_fd();
     // SAFETY: a fresh private mapping of our own file descriptor at an
     // address the kernel picks; every page of it holds bytes of the file
     // (the length is the file's, rounded up to a page).
@@ -888,7 +1027,7 @@ fn reference(ctx: &Ctx<'_>, plan: &Plan) -> Result<(Duration, u64), BoxError> {
             ctx.len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE,
-            ctx.file.as_raw_fd(),
+            fd,
             0,
         )
     };

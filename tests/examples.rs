@@ -1,9 +1,13 @@
 //! Runs every example (with small sizes) and checks what it reports, and
-//! plays Firecracker's part against the Firecracker-protocol handler.
+//! plays Firecracker's part against the Firecracker-protocol handler. With
+//! the `object-store` feature, the examples also restore from an object on
+//! an S3-compatible server (`tests/s3`).
 
 #![cfg(feature = "async")]
 
 mod common;
+#[cfg(feature = "object-store")]
+mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -29,15 +33,24 @@ fn example(name: &str) -> PathBuf {
     let dir = exe.parent().unwrap().parent().unwrap().join("examples");
     let path = dir.join(name);
     if !path.exists() {
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", name]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "building example {name}");
+        build_example(name);
     }
     path
+}
+
+/// Builds example `name` in this test's profile, with the object-store
+/// feature if this test has it.
+fn build_example(name: &str) {
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--example", name]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    if cfg!(feature = "object-store") {
+        cmd.args(["--features", "object-store"]);
+    }
+    assert!(cmd.status().unwrap().success(), "building example {name}");
 }
 
 /// Runs a command to completion, killing it past `BOUND * 3`.
@@ -775,9 +788,22 @@ fn the_firecracker_handler_serves_firecracker() {
 /// (`child_firecracker_entry`), checks that both succeeded and returns the
 /// handler's output.
 fn firecracker_one_vm(dir: &TmpDir, mem: &Path, extra: &[&std::ffi::OsStr]) -> String {
+    firecracker_one_vm_with(dir, mem, extra, |_| {})
+}
+
+/// [`firecracker_one_vm`], with `setup` applied to the handler's command
+/// (its environment).
+fn firecracker_one_vm_with(
+    dir: &TmpDir,
+    mem: &Path,
+    extra: &[&std::ffi::OsStr],
+    setup: impl FnOnce(&mut Command),
+) -> String {
     let socket = dir.0.join("uffd.sock");
     let _ = std::fs::remove_file(&socket);
-    let mut handler = Command::new(example("firecracker_handler"))
+    let mut cmd = Command::new(example("firecracker_handler"));
+    setup(&mut cmd);
+    let mut handler = cmd
         .arg("--socket")
         .arg(&socket)
         .arg("--mem-file")
@@ -1126,4 +1152,365 @@ fn the_firecracker_handler_stops_a_vm_it_fails_to_serve_later() {
     assert!(stdout.contains("sent SIGBUS to the VMM (pid "), "{stdout}");
     assert!(stdout.contains("1 failure(s)"), "{stdout}");
     assert!(stdout.contains("first failure: "), "{stdout}");
+}
+
+// ---------------------------------------------------------------------------
+// Images in object storage
+// ---------------------------------------------------------------------------
+
+#[test]
+fn an_object_url_that_cannot_be_read_is_a_clear_error() {
+    // Whatever the build: the URL is checked before anything is read.
+    for (image, says) in [
+        ("s3://bucket", "no key: give s3://BUCKET/KEY"),
+        ("s3:///key", "no bucket: give s3://BUCKET/KEY"),
+        ("s3://Bucket/key", "the bucket name \"Bucket\""),
+        ("s3://bucket/a//b", "has an empty, `.` or `..` part"),
+        (
+            "gs://bucket/key",
+            "gs:// objects are not supported by this example",
+        ),
+        ("ftp://host/key", "unknown scheme ftp://"),
+    ] {
+        let out = run(Command::new(example("snapshot_restore")).args(["--image", image]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{image}: {err}");
+        assert!(err.contains(image) && err.contains(says), "{image}: {err}");
+    }
+    // The object flags are refused with a file image.
+    let out = run(Command::new(example("snapshot_restore")).args([
+        "--size",
+        "1",
+        "--endpoint",
+        "http://127.0.0.1:1",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--endpoint applies to an image in object storage"),
+        "{err}"
+    );
+    let out = run(Command::new(example("firecracker_handler")).args([
+        "--socket",
+        "/nonexistent/s",
+        "--mem-file",
+        "s3://bucket",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("s3://bucket: not an object URL"), "{err}");
+}
+
+/// The arguments that make example `name` read its image from `image`
+/// (before it does anything else).
+fn image_args<'a>(name: &str, image: &'a str) -> Vec<&'a str> {
+    match name {
+        "snapshot_restore" => vec!["--image", image],
+        "firecracker_handler" => vec!["--socket", "/nonexistent/uffd.sock", "--mem-file", image],
+        _ => panic!("{name} reads no image"),
+    }
+}
+
+#[cfg(not(feature = "object-store"))]
+#[test]
+fn without_the_feature_an_object_image_says_how_to_rebuild() {
+    for name in ["snapshot_restore", "firecracker_handler"] {
+        let out = run(Command::new(example(name)).args(image_args(name, "s3://bucket/key")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains("s3://bucket/key is an object")
+                && err.contains("rebuild it with `--features object-store`")
+                && err.contains(&format!("--example {name} ")),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// Example `name` built with the object-store feature: one that
+/// `cargo test` built without it (an earlier run without the feature, then
+/// `--test examples`, which builds no example) is built again.
+#[cfg(feature = "object-store")]
+fn object_example(name: &str) -> PathBuf {
+    let path = example(name);
+    // An endpoint that is no URL: refused before any request with the
+    // feature, while a build without it refuses the object itself.
+    let probe = || {
+        let out = run(Command::new(&path)
+            .args(image_args(name, "s3://bucket/key"))
+            .args(["--endpoint", "not-a-url"]));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = probe();
+    if err.contains("rebuild it with `--features object-store`") {
+        eprintln!("{name} was built without the object-store feature: building it with it");
+        build_example(name);
+    }
+    let err = probe();
+    assert!(
+        err.contains("--endpoint not-a-url: give an http:// or https:// URL"),
+        "{name}: {err}"
+    );
+    path
+}
+
+/// `cmd` set up for `s3`: its credentials in the environment (and no other
+/// `AWS_*` variable of ours), `--endpoint`.
+#[cfg(feature = "object-store")]
+fn on_s3<'a>(cmd: &'a mut Command, s3: &s3::S3) -> &'a mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", "us-east-1")
+        .args(["--endpoint", &s3.endpoint])
+}
+
+/// Uploads `data` to `s3` under a key of its own; returns its URL.
+#[cfg(feature = "object-store")]
+fn upload(s3: &s3::S3, test: &str, data: &[u8]) -> String {
+    let key = s3.fresh_key(test);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s3.upload(&key, data));
+    format!("s3://{}/{key}", s3.bucket)
+}
+
+/// The figures of "object store...: N GETs of chunks of C KiB (R retried,
+/// F failed), M MiB fetched" lines: (GETs, chunk KiB, retried, failed,
+/// MiB), one per line.
+#[cfg(feature = "object-store")]
+fn object_figures(out: &str) -> Vec<(u64, u64, u64, u64, f64)> {
+    out.lines()
+        .filter(|l| l.contains("object store") && l.contains(" GETs of chunks of "))
+        .map(|l| {
+            // From the count of GETs on ("VM 1: object store...: 32 GETs").
+            let at = l.find(" GETs of chunks of ").unwrap();
+            let l = &l[l[..at].rfind(' ').map_or(0, |i| i + 1)..];
+            let nums: Vec<f64> = l
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter(|w| !w.is_empty() && *w != ".")
+                .map(|w| w.parse().unwrap_or_else(|_| panic!("{w:?} in {l}")))
+                .collect();
+            (
+                nums[0] as u64,
+                nums[1] as u64,
+                nums[2] as u64,
+                nums[3] as u64,
+                nums[4],
+            )
+        })
+        .collect()
+}
+
+#[cfg(feature = "object-store")]
+#[test]
+fn snapshot_restore_restores_an_object_from_an_s3_server() {
+    if !have_uffd() {
+        return;
+    }
+    let Some(s3) = s3::S3::get() else {
+        return;
+    };
+    let exe = object_example("snapshot_restore");
+    // 8 MiB and a bit: the last page is the object's only in part.
+    let len = (8 << 20) + 3000;
+    let data: Vec<u8> = (0..len).map(guest_byte).collect();
+    let url = upload(&s3, "examples-restore", &data);
+    let chunks = (len as u64).div_ceil(256 << 10);
+    let tmp = TmpDir::new("s3-restore");
+
+    // Cold (recording) and warm, each from a source of its own, both
+    // checked against the object's bytes; the reference maps a local copy.
+    let out = run_ok(
+        on_s3(&mut Command::new(&exe), &s3)
+            .env("TMPDIR", &tmp.0)
+            .args([
+                "--image",
+                &url,
+                "--chunk",
+                "256",
+                "--threads",
+                "3",
+                "--quiet",
+            ]),
+    );
+    assert!(
+        out.contains(&format!("restoring {url} (at {})", s3.endpoint)),
+        "{out}"
+    );
+    assert_eq!(out.matches("verified every byte").count(), 2, "{out}");
+    let figures = object_figures(&out);
+    assert_eq!(figures.len(), 2, "{out}");
+    for (gets, chunk, retried, failed, mib) in figures {
+        // One GET per chunk at most, none again, none failed.
+        assert!(gets > 0 && gets <= chunks, "{out}");
+        assert_eq!((chunk, retried, failed), (256, 0, 0), "{out}");
+        assert!(mib > 0.0 && mib <= len as f64 / (1 << 20) as f64, "{out}");
+    }
+    assert!(
+        out.contains("private mapping of a local copy of the object"),
+        "{out}"
+    );
+    assert_eq!(
+        table_row(&out, "private file mapping").last(),
+        Some(&"1.00x")
+    );
+    // The local copy was a file unlinked at once.
+    assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
+
+    // --record, then --warm with a fill, from the object.
+    let sets = TmpDir::new("s3-restore-sets");
+    let ws = sets.0.join("object.ws");
+    let out = run_ok(
+        on_s3(&mut Command::new(&exe), &s3)
+            .env("TMPDIR", &tmp.0)
+            .args(["--image", &url, "--quiet", "--record"])
+            .arg(&ws),
+    );
+    assert!(out.contains("cold restore: ready in"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert!(out.contains("object store: "), "{out}");
+    let set = WorkingSet::load(&ws).unwrap();
+    assert_eq!(set.regions()[0].len, len.next_multiple_of(4096) as u64);
+    let out = run_ok(
+        on_s3(&mut Command::new(&exe), &s3)
+            .env("TMPDIR", &tmp.0)
+            .args([
+                "--image", &url, "--quiet", "--fill", "--cache", "1", "--warm",
+            ])
+            .arg(&ws),
+    );
+    assert!(out.contains("warm restore: ready in"), "{out}");
+    assert!(
+        out.contains(&format!("warm: {} pages in the working set", set.pages())),
+        "{out}"
+    );
+    assert!(out.contains("pages filled; every page resident"), "{out}");
+    assert!(out.contains("verified every byte"), "{out}");
+    assert_eq!(object_figures(&out).len(), 1, "{out}");
+    assert_eq!(tmp.leftovers(), Vec::<PathBuf>::new());
+
+    // An object that is not there: status 1, naming it and the endpoint.
+    let missing = format!("s3://{}/no/such/object", s3.bucket);
+    let out = run(on_s3(&mut Command::new(&exe), &s3).args(["--image", &missing, "--quiet"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot read {missing} (at {})", s3.endpoint)),
+        "{err}"
+    );
+    // Wrong credentials: the server's refusal, named.
+    let out = run(on_s3(&mut Command::new(&exe), &s3)
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .args(["--image", &url, "--quiet"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("cannot read {url}")), "{err}");
+}
+
+#[cfg(feature = "object-store")]
+#[test]
+fn the_firecracker_handler_serves_guest_memory_from_an_object() {
+    if !have_uffd() {
+        return;
+    }
+    let Some(s3) = s3::S3::get() else {
+        return;
+    };
+    let _exe = object_example("firecracker_handler");
+    let data: Vec<u8> = (0..2 * REGION).map(guest_byte).collect();
+    let url = upload(&s3, "examples-firecracker", &data);
+    let dir = TmpDir::new("fc-s3");
+    let ws = dir.0.join("guest.ws");
+    let env = |cmd: &mut Command| {
+        on_s3(cmd, &s3);
+    };
+    let chunk = ["--chunk".as_ref(), "256".as_ref()];
+
+    // The stand-in reads every byte of both regions (its own check), and
+    // balloons a MiB away; the working set is recorded.
+    let out = firecracker_one_vm_with(
+        &dir,
+        Path::new(&url),
+        &[&chunk[..], &["--record".as_ref(), ws.as_os_str()]].concat(),
+        env,
+    );
+    assert!(
+        out.contains(&format!("serving {url} (at {})", s3.endpoint)),
+        "{out}"
+    );
+    assert!(out.contains("): 2 region(s), 8.0 MiB"), "{out}");
+    assert!(out.contains("256 zeroed after remove"), "{out}");
+    assert!(out.contains("the VMM hung up"), "{out}");
+    assert!(
+        out.contains("working set of 2048 pages in 2 runs saved"),
+        "{out}"
+    );
+    let figures = object_figures(&out);
+    assert_eq!(figures.len(), 1, "{out}");
+    let (gets, chunk_kib, retried, failed, mib) = figures[0];
+    // Every byte was read: every chunk, once.
+    assert_eq!((gets, chunk_kib, retried, failed), (32, 256, 0, 0), "{out}");
+    assert_eq!(mib, 8.0, "{out}");
+
+    // Prefetched and filled from the object.
+    let out = firecracker_one_vm_with(
+        &dir,
+        Path::new(&url),
+        &["--warm".as_ref(), ws.as_os_str(), "--fill".as_ref()],
+        env,
+    );
+    assert!(out.contains("VM 1: prefetching the working set"), "{out}");
+    assert!(out.contains("every page resident after"), "{out}");
+    assert!(out.contains("0 background copies failed"), "{out}");
+    assert!(out.contains("256 zeroed after remove"), "{out}");
+
+    // Regions past the object's end: the VM is refused and stopped.
+    let socket = dir.0.join("wrong.sock");
+    let mut cmd = Command::new(example("firecracker_handler"));
+    on_s3(&mut cmd, &s3);
+    let handler = cmd
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--mem-file", &url, "--exit-after", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket);
+    let wrong = run_child_test(
+        "child_firecracker_wrong_file_entry",
+        &[("TOKIO_UFFD_FC_WRONG_SOCKET", socket.to_str().unwrap())],
+    );
+    let mut handler = handler;
+    let deadline = Instant::now() + BOUND;
+    while handler.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            handler.kill().unwrap();
+            panic!("the handler did not exit after the VM had gone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = handler.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "handler: {:?}\n{stdout}", out.status);
+    assert!(
+        matches!(wrong.signal(), Some(libc::SIGBUS | libc::SIGKILL)),
+        "the refused VMM ended with {wrong:?}\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "refused: region 1 (offset {:#x}, {REGION:#x} bytes) ends past the end of the memory file {url} (at {}) ({:#x} bytes)",
+            2 * REGION,
+            s3.endpoint,
+            2 * REGION
+        )),
+        "{stdout}"
+    );
 }

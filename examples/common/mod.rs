@@ -1,9 +1,10 @@
 //! Pieces the examples share: logging flags, bounds on counts, an anonymous
 //! mapping, a verifiable image pattern, shuffled page orders, a summary
-//! printer, and worker threads whose `SIGBUS` becomes a clear report
-//! ([`touch`]).
+//! printer, worker threads whose `SIGBUS` becomes a clear report
+//! ([`touch`]), and images in object storage ([`object`]).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod object;
 pub mod touch;
 pub mod workload;
 
