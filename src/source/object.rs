@@ -81,6 +81,10 @@ struct Inner {
     store: Arc<dyn ObjectStore>,
     path: Path,
     len: u64,
+    /// The object's entity tag when it was opened: every GET asks for that
+    /// version (`If-Match`), so a replaced object fails its reads instead
+    /// of mixing two snapshots in one memory.
+    e_tag: Option<String>,
     chunk: u64,
     cache_budget: u64,
     retries: u32,
@@ -147,6 +151,8 @@ pub struct ObjectStoreStats {
 #[non_exhaustive]
 pub enum ObjectReadError {
     /// The store answered with an error (after its own retries and ours).
+    /// A precondition failure means the object was replaced since the
+    /// source was opened: it is not retried.
     #[error("GET {object} bytes {start}..{end} failed after {attempts} attempts")]
     Get {
         /// The store and the object's path.
@@ -208,6 +214,7 @@ pub struct ObjectStoreSourceBuilder {
     store: Arc<dyn ObjectStore>,
     path: Path,
     len: Option<u64>,
+    e_tag: Option<String>,
     chunk: u64,
     cache: u64,
     requests: usize,
@@ -223,6 +230,7 @@ impl ObjectStoreSource {
             store,
             path: path.into(),
             len: None,
+            e_tag: None,
             chunk: DEFAULT_CHUNK,
             cache: DEFAULT_CACHE,
             requests: DEFAULT_REQUESTS,
@@ -239,6 +247,12 @@ impl ObjectStoreSource {
     /// Whether the object is empty.
     pub fn is_empty(&self) -> bool {
         self.inner.len == 0
+    }
+
+    /// The version of the object every read asks for (its entity tag),
+    /// if the store gave one.
+    pub fn e_tag(&self) -> Option<&str> {
+        self.inner.e_tag.as_deref()
     }
 
     /// The store and path, as errors name them.
@@ -317,6 +331,15 @@ impl ObjectStoreSourceBuilder {
         self
     }
 
+    /// The version of the object to read (its entity tag), if known
+    /// beside [`len`](Self::len); otherwise the `HEAD` of
+    /// [`open`](Self::open) reads it. Every GET asks for that version
+    /// (`If-Match`).
+    pub fn e_tag(mut self, e_tag: impl Into<String>) -> Self {
+        self.e_tag = Some(e_tag.into());
+        self
+    }
+
     /// Reads the object's length (one `HEAD`, unless [`len`](Self::len)
     /// gave it) and makes the source.
     ///
@@ -326,16 +349,15 @@ impl ObjectStoreSourceBuilder {
     /// (not found, access denied, unreachable) as its source.
     pub async fn open(self) -> Result<ObjectStoreSource, ObjectReadError> {
         let name = format!("{}/{}", self.store, self.path);
-        let len = match self.len {
-            Some(len) => len,
+        let (len, e_tag) = match self.len {
+            Some(len) => (len, self.e_tag),
             None => {
                 let head = self.store.head(&self.path);
-                head.await
-                    .map_err(|source| ObjectReadError::Head {
-                        object: name,
-                        source,
-                    })?
-                    .size
+                let meta = head.await.map_err(|source| ObjectReadError::Head {
+                    object: name,
+                    source,
+                })?;
+                (meta.size, self.e_tag.or(meta.e_tag))
             }
         };
         Ok(ObjectStoreSource {
@@ -343,6 +365,7 @@ impl ObjectStoreSourceBuilder {
                 store: self.store,
                 path: self.path,
                 len,
+                e_tag,
                 chunk: self.chunk,
                 cache_budget: self.cache,
                 retries: self.retries,
@@ -472,6 +495,7 @@ impl Inner {
                             | object_store::Error::NotImplemented { .. }
                             | object_store::Error::PermissionDenied { .. }
                             | object_store::Error::Unauthenticated { .. }
+                            | object_store::Error::Precondition { .. }
                     );
                     let error = ObjectReadError::Get {
                         object: self.name(),
@@ -505,6 +529,7 @@ impl Inner {
         self.stats.requests.fetch_add(1, Relaxed);
         let options = GetOptions {
             range: Some(GetRange::Bounded(start..end)),
+            if_match: self.e_tag.clone(),
             ..GetOptions::default()
         };
         self.store
@@ -659,6 +684,26 @@ mod tests {
         let src = open.await.unwrap();
         let mut buf = [0u8; 16];
         send(&src.read_at(0, &mut buf));
+    }
+
+    #[tokio::test]
+    async fn an_object_replaced_after_opening_fails_its_reads() {
+        let (src, _) = source(16 << 10, 4096, 1 << 20).await;
+        assert!(src.e_tag().is_some());
+        let store = src.inner.store.clone();
+        let mut buf = vec![0u8; 4096];
+        src.read_at(0, &mut buf).await.unwrap();
+        store
+            .put(&Path::from("snap/mem"), PutPayload::from(vec![9u8; 16 << 10]))
+            .await
+            .unwrap();
+        // Cached: the old version, consistent with what was served.
+        src.read_at(0, &mut buf).await.unwrap();
+        // Not cached: refused, not mixed with the new version.
+        let err = src.read_at(8192, &mut buf).await.unwrap_err();
+        let msg = crate::error_chain(&err);
+        assert!(msg.contains("bytes 8192..12288"), "{msg}");
+        assert_eq!(src.stats().retries, 0, "a replaced object is not retried");
     }
 
     #[tokio::test]
