@@ -694,7 +694,10 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         src.read_at(0, &mut buf).await.unwrap();
         store
-            .put(&Path::from("snap/mem"), PutPayload::from(vec![9u8; 16 << 10]))
+            .put(
+                &Path::from("snap/mem"),
+                PutPayload::from(vec![9u8; 16 << 10]),
+            )
             .await
             .unwrap();
         // Cached: the old version, consistent with what was served.
