@@ -5,6 +5,8 @@
 //! ```text
 //! cargo bench --bench summary                 # prints the table, writes target/bench-summary.md
 //! cargo bench --bench summary -- --out FILE   # ... or to FILE
+//! cargo bench --bench summary --features remote -- --only remote
+//!                                             # the remote restore (object_store, s3s-fs)
 //! ```
 //!
 //! Latency figures are medians of several runs; on these virtual machines
@@ -27,6 +29,9 @@ const SLOW_RUNS: usize = 5;
 const DIRTY_ROUNDS: usize = 5;
 /// Rounds of every restore case.
 const RESTORE_ROUNDS: usize = 7;
+/// Rounds of every remote restore case (the downloads alone take seconds).
+#[cfg(feature = "remote")]
+const REMOTE_ROUNDS: usize = 3;
 
 /// Faults per latency round with the handler on `pin`'s core: a fault
 /// across cores costs about ten times one on the same core, so fewer of
@@ -304,6 +309,21 @@ fn main() {
     if run("dirty tracking") {
         notes.extend(dirty_rows(&mut rows));
         eprintln!("measured dirty tracking");
+    }
+    if run(REMOTE_GROUP) {
+        #[cfg(feature = "remote")]
+        {
+            notes.push(remote_rows(&mut rows));
+            eprintln!("measured remote restores");
+        }
+        #[cfg(not(feature = "remote"))]
+        {
+            let why = "Remote restore: not built. It needs the benches' `remote` feature \
+                       (object_store, and s3s-fs installed): `cargo bench --bench summary \
+                       --features remote -- --only remote`.";
+            eprintln!("{why}");
+            notes.push(why.to_string());
+        }
     }
 
     let msgs = harness::fault_messages();
@@ -708,6 +728,236 @@ fn restore_rows(rows: &mut Vec<Row>) -> String {
             ratio(C::OnDemand(1))
         );
     }
+    note
+}
+
+const REMOTE_GROUP: &str = "remote (1 GiB image over S3)";
+
+/// The remote restores (issue 14): each case at 0 ms and 1 ms added to
+/// every GET, in rounds of every case back to back (in an order that
+/// rotates), round `r` running run `r + 1` of the workload. Returns the
+/// note: every case with its requests and bytes, and the targets in words.
+#[cfg(feature = "remote")]
+fn remote_rows(rows: &mut Vec<Row>) -> String {
+    use harness::RemoteCase as C;
+    let started = std::time::Instant::now();
+    let bench = harness::RestoreBench::shared(RESTORE_IMAGE);
+    let remote = match harness::RemoteBench::start(bench, Duration::from_millis(1)) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("remote restore not measured: {why}");
+            return format!("Remote restore: not measured: {why}");
+        }
+    };
+    let set = remote.settings;
+    // What a GET of a page takes through either proxy, one at a time: in
+    // every round.
+    let mut rtts = [Vec::new(), Vec::new()];
+    let lats = [(true, "1 ms"), (false, "0 ms")];
+    let cases: Vec<(bool, C)> = lats
+        .iter()
+        .flat_map(|&(d, _)| {
+            C::ALL
+                .into_iter()
+                .filter(move |&c| c.remote() || !d)
+                .map(move |c| (d, c))
+        })
+        .collect();
+    let mut runs: Vec<Vec<harness::RemoteRestored>> = vec![Vec::new(); cases.len()];
+    for round in 0..REMOTE_ROUNDS {
+        let t0 = std::time::Instant::now();
+        for (d, rtt) in rtts.iter_mut().enumerate() {
+            rtt.push(remote.round_trip(d == 1, 50).as_secs_f64() * 1e3);
+        }
+        for k in 0..cases.len() {
+            let i = (k + round) % cases.len();
+            let (delayed, case) = cases[i];
+            runs[i].push(remote.restore(case, delayed, round as u64 + 1));
+        }
+        eprintln!(
+            "remote round {} of {REMOTE_ROUNDS}: {:.1} s",
+            round + 1,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let rtt = rtts.map(|v| median_f64(&v));
+    let at = |d: bool, c: C| cases.iter().position(|&x| x == (d, c)).unwrap();
+    let times = |d: bool, c: C| {
+        runs[at(d, c)]
+            .iter()
+            .map(|r| r.ready.as_secs_f64() * 1e3)
+            .collect::<Vec<f64>>()
+    };
+    let med = |d: bool, c: C, f: fn(&harness::RemoteRestored) -> f64| {
+        median_f64(&runs[at(d, c)].iter().map(f).collect::<Vec<_>>())
+    };
+    let ratio = |d: bool, a: C, b: C| paired_ratio(&times(d, a), &times(d, b));
+    // (c) may fetch the chunks that hold the recording or a page its run
+    // touches, no more.
+    let bound: Vec<f64> = (0..REMOTE_ROUNDS)
+        .map(|r| (remote.warm_chunks(r as u64 + 1, set.chunk) as u64 * set.chunk) as f64)
+        .collect();
+    let over_bound = runs[at(true, C::Warm)]
+        .iter()
+        .chain(&runs[at(false, C::Warm)])
+        .zip(bound.iter().chain(&bound))
+        .map(|(r, b)| r.bytes / b)
+        .fold(0f64, f64::max);
+    let pairs = [
+        (
+            true,
+            C::OnDemand,
+            C::Blocking,
+            "<= 0.10 ((b) 10 x faster than (a))",
+        ),
+        (
+            true,
+            C::Warm,
+            C::Download,
+            "< 1.00; bytes <= the working set's chunks",
+        ),
+        (false, C::OnDemand, C::Local, "<= 1.50"),
+        (false, C::OnDemand, C::Blocking, ""),
+        (false, C::Warm, C::Download, ""),
+    ];
+    for (d, a, b, target) in pairs {
+        let lat = if d { "1 ms" } else { "0 ms" };
+        let mut row = Row::new(
+            REMOTE_GROUP,
+            format!(
+                "{lat}: ({}) {} / ({}) {}",
+                a.letter(),
+                a.name(),
+                b.letter(),
+                b.name()
+            ),
+            "ms to ready",
+            median_f64(&times(d, a)),
+            median_f64(&times(d, b)),
+        );
+        row.paired = Some(ratio(d, a, b));
+        row.target = target;
+        rows.push(row);
+    }
+
+    let mut note = String::new();
+    let w = remote.bench().workload();
+    let _ = writeln!(
+        note,
+        "Remote restore of the {} MiB image, an object of s3s-fs on 127.0.0.1 reached through \
+         a relay that makes every request arrive {:?} late, connections kept open across \
+         requests (a one-page GET, one at a time: {:.2} ms at 0 ms, {:.2} ms at 1 ms). The \
+         restore group's workload: {} worker threads writing a word in each page they touch, \
+         runs 1 to {REMOTE_ROUNDS}. (b) and (c): `ObjectStoreSource` with {} KiB chunks (one \
+         fault-around window of 16 pages: one GET per fault), up to 16 GETs in flight; (c) \
+         prefetches the window-16 recording of the restore group with {} background copies \
+         of {} KiB in flight (up to {} GETs). (a) served the first {} touches of each run, \
+         one fault at a time; its time, faults, GETs and bytes are scaled to the whole run \
+         ({:.0} x). (d): {} MiB ranged GETs, {} in flight, into fresh memory, then the \
+         workload. Medians of {REMOTE_ROUNDS} rounds, every case back to back in each; \
+         ratios are medians of per-round ratios.\n",
+        RESTORE_IMAGE >> 20,
+        remote.delay,
+        rtt[0],
+        rtt[1],
+        w.threads,
+        set.chunk >> 10,
+        set.background.jobs,
+        set.background.chunk >> 10,
+        set.background.jobs * (set.background.chunk as u64).div_ceil(set.chunk) as usize,
+        set.blocking_touches,
+        med(true, C::Blocking, |r| r.scale),
+        set.download_part >> 20,
+        set.download_jobs,
+    );
+    let _ = writeln!(
+        note,
+        "| added | | restore | time to ready (ms) | min-max | faults | GETs | MiB fetched | pages warmed | faults ahead of prefetch |"
+    );
+    let _ = writeln!(note, "|---|---|---|---:|---|---:|---:|---:|---:|---:|");
+    for &(d, c) in &cases {
+        let t = times(d, c);
+        let (lo, hi) = t
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let stat = |f: fn(&tokio_uffd::StatsSnapshot) -> u64| {
+            median_f64(
+                &runs[at(d, c)]
+                    .iter()
+                    .filter_map(|r| r.stats.as_ref().map(f))
+                    .map(|v| v as f64)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (warmed, ahead) = if c == C::Warm {
+            (
+                format!("{:.0}", stat(|s| s.pages_warmed)),
+                format!("{:.0}", stat(|s| s.faults_ahead_of_prefetch)),
+            )
+        } else {
+            Default::default()
+        };
+        let _ = writeln!(
+            note,
+            "| {} | ({}) | {}{} | {:.0} | {:.0}-{:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
+            if d { "1 ms" } else { "0 ms" },
+            c.letter(),
+            c.name(),
+            if c == C::Blocking { " (scaled)" } else { "" },
+            median_f64(&t),
+            lo,
+            hi,
+            med(d, c, |r| r.faults),
+            med(d, c, |r| r.requests),
+            med(d, c, |r| r.bytes) / (1 << 20) as f64,
+            warmed,
+            ahead
+        );
+    }
+    let b_a = ratio(true, C::OnDemand, C::Blocking);
+    let c_d = ratio(true, C::Warm, C::Download);
+    let b_local = ratio(false, C::OnDemand, C::Local);
+    let _ = write!(
+        note,
+        "\nTargets: at 1 ms, (b) at least 10 x faster than (a): {:.0} x, {}; (c) faster than \
+         (d): {:.2} x (d)'s time, {}, fetching {:.0} MiB against the {:.0} MiB of {} KiB chunks \
+         that hold the recording and the run's pages (at most {:.2} of that in any round, {}). \
+         At 0 ms, (b) within 1.5 x of the same restore from the local file: {:.2} x, {}.",
+        1.0 / b_a,
+        met(b_a <= 0.1),
+        c_d,
+        met(c_d < 1.0 && over_bound <= 1.0),
+        med(true, C::Warm, |r| r.bytes) / (1 << 20) as f64,
+        median_f64(&bound) / (1 << 20) as f64,
+        set.chunk >> 10,
+        over_bound,
+        met(over_bound <= 1.0),
+        b_local,
+        met(b_local <= 1.5),
+    );
+    // What the server can deliver: (d)'s download, in large GETs.
+    let pace = med(false, C::Download, |r| {
+        r.bytes / r.download.unwrap().as_secs_f64()
+    }) / (1 << 20) as f64;
+    let b_mib = med(false, C::OnDemand, |r| r.bytes) / (1 << 20) as f64;
+    if b_local > 1.5 {
+        let _ = write!(
+            note,
+            " That one is out of reach of this server: (b) fetches {b_mib:.0} MiB (the 64 KiB \
+             windows around its faults), and at the pace of (d)'s download at 0 ms ({pace:.0} \
+             MiB/s, in {} MiB GETs, the most this s3s-fs delivered) that alone would take \
+             {:.1} s, {:.1} x the local restore; (b) received {:.0} MiB/s.",
+            set.download_part >> 20,
+            b_mib / pace,
+            b_mib / pace / median_f64(&times(false, C::Local)) * 1e3,
+            b_mib / (median_f64(&times(false, C::OnDemand)) / 1e3),
+        );
+    }
+    let _ = write!(
+        note,
+        " Group run time: {:.0} s.",
+        started.elapsed().as_secs_f64()
+    );
     note
 }
 

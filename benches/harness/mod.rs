@@ -16,7 +16,9 @@
 //!   soft-dirty bits), [`file_fault`](mod@file_fault) (window 1 from a
 //!   snapshot file), [`restore`](mod@restore) (a whole restore of a 1 GiB
 //!   image by each strategy, the working-set workload of
-//!   `examples/common/workload.rs` running on it);
+//!   `examples/common/workload.rs` running on it), `remote` (feature
+//!   `remote`: the same restore from an S3 server through a
+//!   `delay_proxy`);
 //! - what they run: [`raw`], the floor's handlers (libc only), and
 //!   [`crate_paths`], the crate's handlers, runtimes and server thread;
 //! - what they stand on: [`case`] (the words a case is described in),
@@ -34,6 +36,8 @@ mod cpu_time;
 mod crate_paths;
 mod decode;
 mod delay;
+#[cfg(feature = "remote")]
+mod delay_proxy;
 mod dirty;
 mod fault_around;
 mod file_fault;
@@ -41,6 +45,8 @@ mod image_file;
 mod latency;
 mod memory;
 mod raw;
+#[cfg(feature = "remote")]
+mod remote;
 mod restore;
 mod slow_source;
 mod stats;
@@ -61,6 +67,8 @@ pub use file_fault::file_latency;
 pub use image_file::ImageFile;
 pub use latency::{latency, Path};
 pub use memory::page_size;
+#[cfg(feature = "remote")]
+pub use remote::{RemoteBench, RemoteCase, RemoteRestored, RemoteSettings};
 pub use restore::{RestoreBench, RestoreCase, Restored, RESTORE_IMAGE, WARM_WINDOW};
 pub use slow_source::slow_source;
 pub use stats::{median, median_f64, paired_ratio};

@@ -37,7 +37,9 @@
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio_uffd::{AsyncUffd, Fill, Region, Server, SourceHandler, StatsSnapshot, WorkingSet};
+use tokio_uffd::{
+    AsyncUffd, Fill, PageSource, Region, Server, SourceHandler, StatsSnapshot, WorkingSet,
+};
 
 use super::crate_paths::crate_uffd;
 use super::image_file::{FileMap, ImageFile};
@@ -268,10 +270,9 @@ impl RestoreBench {
         let len = self.image.len();
         let think = self.workload.think;
         let spinner = self.spinner;
-        let (access, fresh) = match case {
-            RestoreCase::KernelReadOnly => (Access::Read, None),
-            RestoreCase::KernelPrivate => (Access::Write, None),
-            _ => (Access::Write, Some(Mapping::new(len))),
+        let access = match case {
+            RestoreCase::KernelReadOnly => Access::Read,
+            _ => Access::Write,
         };
         match case {
             RestoreCase::KernelPrivate | RestoreCase::KernelReadOnly => {
@@ -294,7 +295,7 @@ impl RestoreBench {
                 (None, out.restored(t0, None))
             }
             RestoreCase::Floor => {
-                let mem = fresh.unwrap();
+                let mem = Mapping::new(len);
                 let image = self.image.clone();
                 let workers = Workers::start(&plan, move |base, pages| {
                     let src = image.bytes();
@@ -318,66 +319,102 @@ impl RestoreBench {
                 (None, out.restored(t0, None))
             }
             _ => {
-                let mem = fresh.unwrap();
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(THREADS)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let _enter = rt.enter();
-                let base = mem.addr;
-                let uffd = AsyncUffd::new(crate_uffd(&mem)).unwrap();
-                let source = self.image.mmap_source();
+                // Faults on demand at the case's window, one page at a time
+                // behind a warm prefetch or a fill.
                 let window = match case {
                     RestoreCase::OnDemand(w) => w,
                     _ => 1,
                 };
-                let mut server = Server::new(uffd, SourceHandler::new(source))
-                    .regions([Region::new(base..base + len)])
-                    .unwrap()
-                    .prefetch(window)
-                    .background_concurrency(self.background.jobs)
-                    .background_chunk(self.background.chunk);
-                match case {
-                    RestoreCase::Warm(w) => server = server.warm(self.recorded(w).clone()).unwrap(),
-                    RestoreCase::WarmFill => {
-                        server = server.warm(self.recorded(WARM_WINDOW).clone()).unwrap();
-                    }
-                    _ => {}
-                }
-                if matches!(case, RestoreCase::WarmFill | RestoreCase::Eager) {
-                    server = server.fill(Fill::Unbounded);
-                }
-                if record {
-                    server = server.record();
-                }
-                let workers = Workers::start(&plan, move |base, pages| {
-                    // SAFETY: the registered mapping at `base`, served by
-                    // the server from the image; each page is touched by
-                    // one worker.
-                    unsafe { run_worker(base, page, pages, access, think, &spinner) };
-                    None
-                });
-                let t0 = Instant::now();
-                let handle = server.spawn();
-                if case == RestoreCase::Eager {
-                    rt.block_on(handle.resident()).expect("every page resident");
-                }
-                let out = workers.run(base);
-                let recorded = handle.working_set();
-                let stats = handle.stats_ref();
-                rt.block_on(handle.shutdown()).expect("the server stopped");
-                let stats = stats.snapshot();
-                self.check(base, &plan);
-                (recorded, out.restored(t0, Some(stats)))
+                let source = self.image.mmap_source();
+                self.serve(source, case, window, run, record, self.background)
             }
         }
+    }
+
+    /// One restore of `case` (a case of the server: on demand, warm, fill
+    /// or eager) served from `source` with fault-around `window` and the
+    /// background copies `background`, the workers running run `run` of the
+    /// workload; with `record`, the working set it recorded too.
+    pub fn serve(
+        &self,
+        source: impl PageSource,
+        case: RestoreCase,
+        window: usize,
+        run: u64,
+        record: bool,
+        background: Background,
+    ) -> (Option<WorkingSet>, Restored) {
+        assert!(!case.kernel_faults(), "{} is not served", case.name());
+        let plan = Arc::new(self.plan(run));
+        let len = self.image.len();
+        let mem = Mapping::new(len);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(THREADS)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _enter = rt.enter();
+        let base = mem.addr;
+        let uffd = AsyncUffd::new(crate_uffd(&mem)).unwrap();
+        let mut server = Server::new(uffd, SourceHandler::new(source))
+            .regions([Region::new(base..base + len)])
+            .unwrap()
+            .prefetch(window)
+            .background_concurrency(background.jobs)
+            .background_chunk(background.chunk);
+        match case {
+            RestoreCase::Warm(w) => server = server.warm(self.recorded(w).clone()).unwrap(),
+            RestoreCase::WarmFill => {
+                server = server.warm(self.recorded(WARM_WINDOW).clone()).unwrap();
+            }
+            _ => {}
+        }
+        if matches!(case, RestoreCase::WarmFill | RestoreCase::Eager) {
+            server = server.fill(Fill::Unbounded);
+        }
+        if record {
+            server = server.record();
+        }
+        let workers = self.start_workers(&plan);
+        let t0 = Instant::now();
+        let handle = server.spawn();
+        if case == RestoreCase::Eager {
+            rt.block_on(handle.resident()).expect("every page resident");
+        }
+        let out = workers.run(base);
+        let recorded = handle.working_set();
+        let stats = handle.stats_ref();
+        rt.block_on(handle.shutdown()).expect("the server stopped");
+        let stats = stats.snapshot();
+        self.check(base, &plan);
+        (recorded, out.restored(t0, Some(stats)))
+    }
+
+    /// The workers of the workload on `plan`, started and waiting: each
+    /// touches its pages of whatever memory it is let go on (see
+    /// [`Workers::run`]), which must hold the image's bytes or fault them
+    /// in.
+    pub(super) fn start_workers(&self, plan: &Arc<Plan>) -> Workers {
+        let (think, spinner, access) = (self.workload.think, self.spinner, self.workload.access);
+        let page = page_size();
+        Workers::start(plan, move |base, pages| {
+            // SAFETY: `base` is the restore's memory of the image's length,
+            // mapped and writable (registered pages fault in); each page is
+            // touched by one worker.
+            unsafe { run_worker(base, page, pages, access, think, &spinner) };
+            None
+        })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<ImageFile> {
+        &self.image
     }
 
     /// A fast wrong restore is no restore: every 64th page the workers
     /// touched holds the image's bytes (the workers write back what they
     /// read).
-    fn check(&self, base: usize, plan: &Plan) {
+    pub(super) fn check(&self, base: usize, plan: &Plan) {
         let page = page_size();
         let image = self.image.bytes();
         for &p in plan.threads.iter().flatten().step_by(64) {
@@ -393,7 +430,7 @@ impl RestoreBench {
 }
 
 /// The worker threads of one restore, started and waiting.
-struct Workers {
+pub(super) struct Workers {
     go: Arc<Barrier>,
     base: Arc<OnceLock<usize>>,
     threads: Vec<std::thread::JoinHandle<WorkerOut>>,
@@ -408,14 +445,14 @@ struct WorkerOut {
 }
 
 /// The figures of a restore's workers.
-struct WorkersOut {
+pub(super) struct WorkersOut {
     outs: Vec<WorkerOut>,
 }
 
 impl Workers {
     /// One thread per list of the plan, each to run `body(base, pages)`
     /// once let go.
-    fn start<F>(plan: &Arc<Plan>, body: F) -> Self
+    pub(super) fn start<F>(plan: &Arc<Plan>, body: F) -> Self
     where
         F: Fn(usize, &[usize]) -> Option<Instant> + Send + Sync + Clone + 'static,
     {
@@ -441,7 +478,7 @@ impl Workers {
     }
 
     /// Lets the workers go on the memory at `base` and waits for them.
-    fn run(self, base: usize) -> WorkersOut {
+    pub(super) fn run(self, base: usize) -> WorkersOut {
         self.base.set(base).unwrap();
         self.go.wait();
         WorkersOut {
@@ -455,7 +492,7 @@ impl Workers {
 }
 
 impl WorkersOut {
-    fn restored(&self, t0: Instant, stats: Option<StatsSnapshot>) -> Restored {
+    pub(super) fn restored(&self, t0: Instant, stats: Option<StatsSnapshot>) -> Restored {
         let last = |f: &dyn Fn(&WorkerOut) -> Option<Instant>| {
             self.outs.iter().filter_map(f).max().map(|t| t - t0)
         };
