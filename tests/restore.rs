@@ -221,6 +221,29 @@ impl PageSource for HeldSource {
     }
 }
 
+/// A server prefetching all `pages` pages at `base` from `source` in
+/// copies of 8 pages, `jobs` at a time.
+fn warm_held(
+    uffd: Uffd,
+    base: usize,
+    pages: usize,
+    source: &Arc<HeldSource>,
+    jobs: usize,
+) -> tokio_uffd::ServerHandle {
+    let page = uffd.page_size();
+    Server::new(
+        AsyncUffd::new(uffd).unwrap(),
+        SourceHandler::new(source.clone()),
+    )
+    .regions([Region::new(base..base + pages * page)])
+    .unwrap()
+    .warm(whole(pages, page))
+    .unwrap()
+    .background_concurrency(jobs)
+    .background_chunk(8 * page)
+    .spawn()
+}
+
 /// The whole region as one run of the working set, in address order.
 fn whole(pages: usize, page: usize) -> WorkingSet {
     let mut ws = WorkingSet::new(vec![tokio_uffd::RecordedRegion {
@@ -245,17 +268,7 @@ fn a_fault_ahead_of_the_prefetch_is_served_at_once() {
     let source = HeldSource::new(len, [0]);
     let rt = multi_thread_rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(source.clone()),
-        )
-        .regions([Region::new(base..base + len)])
-        .unwrap()
-        .warm(whole(pages, page))
-        .unwrap()
-        .background_concurrency(1)
-        .background_chunk(8 * page)
-        .spawn();
+        let handle = warm_held(uffd, base, pages, &source, 1);
         let s = source.clone();
         let stats = handle.stats_ref();
         let got = tokio::task::spawn_blocking(move || {
@@ -297,17 +310,7 @@ fn a_remove_in_the_middle_of_a_prefetch_leaves_zeros() {
     let source = HeldSource::new(len, [0]);
     let rt = multi_thread_rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(source.clone()),
-        )
-        .regions([Region::new(base..base + len)])
-        .unwrap()
-        .warm(whole(pages, page))
-        .unwrap()
-        .background_concurrency(1)
-        .background_chunk(8 * page)
-        .spawn();
+        let handle = warm_held(uffd, base, pages, &source, 1);
         let s = source.clone();
         tokio::task::spawn_blocking(move || {
             wait_until("the prefetch's first read", || {
@@ -448,17 +451,7 @@ fn an_unmap_and_a_remap_in_the_middle_of_a_prefetch() {
     let source = HeldSource::new(len, [0, (8 * page) as u64]);
     let rt = multi_thread_rt();
     rt.block_on(async {
-        let handle = Server::new(
-            AsyncUffd::new(uffd).unwrap(),
-            SourceHandler::new(source.clone()),
-        )
-        .regions([Region::new(base..base + len)])
-        .unwrap()
-        .warm(whole(pages, page))
-        .unwrap()
-        .background_concurrency(2)
-        .background_chunk(8 * page)
-        .spawn();
+        let handle = warm_held(uffd, base, pages, &source, 2);
         let s = source.clone();
         let new_base = tokio::task::spawn_blocking(move || {
             wait_until("both held reads", || s.reads.load(Ordering::SeqCst) >= 2);
